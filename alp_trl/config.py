@@ -1,0 +1,251 @@
+"""`ALPConfig`: the configuration of `ALPGRPOTrainer`, a `trl.GRPOConfig` with the ALP fields."""
+
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig
+
+
+logger = logging.getLogger(__name__)
+
+OFF_POLICY_CORRECTIONS = ("alp", "bypass", "token_mis", "seq_mis", "tis", "none")
+LAYER_SPECS = ("all", "early", "middle", "late", "logits", "none")
+SIGMA_SHAPES = ("scalar", "channel")
+NOISE_SCALES = ("absolute", "rms")
+SEQUENCE_RATIO_AGGREGATIONS = ("mean", "sum")
+# Loss types whose surrogate is the PPO-clipped ratio; the others (cispo, sapo, vespo) shape the ratio differently
+# and are only available through plain GRPO (`off_policy_correction="none"`).
+CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+
+
+def parse_layer_spec(value, field_name: str = "perturb_layers") -> str | list[int]:
+    """Normalise a layer selection: one of `LAYER_SPECS`, or a list of layer indices (list, or "0,3,5" / "[0, 3]")."""
+    allowed = f"one of {list(LAYER_SPECS)} or a list of layer indices such as [0, 5, 11]"
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in LAYER_SPECS:
+            return text
+        if re.fullmatch(r"\[?\s*-?\d+(\s*,\s*-?\d+)*\s*,?\s*\]?", text):
+            return [int(tok) for tok in re.findall(r"-?\d+", text)]
+        raise ValueError(f"`{field_name}` got {value!r}; expected {allowed}.")
+    if isinstance(value, (list, tuple)):
+        if not value or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise ValueError(f"`{field_name}` got {value!r}; expected {allowed} (a non-empty list of integers).")
+        return [int(v) for v in value]
+    raise ValueError(f"`{field_name}` got {value!r} of type {type(value).__name__}; expected {allowed}.")
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"`{name}` got {value!r}; allowed values are {list(choices)}.")
+
+
+@dataclass
+class ALPConfig(GRPOConfig):
+    r"""
+    Configuration class for [`ALPGRPOTrainer`]: every field of [`~trl.GRPOConfig`] plus the fields of Adaptive
+    Layerwise Perturbation (ALP) and of the off-policy baselines it is compared with.
+
+    ALP adds learnable Gaussian noise `sigma_l * eps` to the input hidden state of the selected decoder layers during
+    the policy-update forward pass only, and uses a single importance ratio: the perturbed training policy over the
+    unperturbed policy that sampled the rollout (vLLM's log-probs when vLLM generates, the transformers generation's
+    otherwise).
+
+    Parameters:
+        > ALP and off-policy correction
+
+        off_policy_correction (`str`, *optional*, defaults to `"alp"`):
+            How the policy update corrects for the gap between the rollout (inference) policy and the trained policy.
+            `"alp"`: ratio perturbed-policy / rollout-policy. `"bypass"`: ratio policy / rollout-policy, no noise.
+            `"token_mis"` / `"seq_mis"`: PPO ratio policy / old-policy times the weight old / rollout, masked outside
+            `[1/mis_threshold, mis_threshold]` per token / per sequence. `"tis"`: the same weight per token, truncated
+            at `mis_threshold`. `"none"`: plain `GRPOTrainer` behaviour. Token vs sequence ratio follows
+            `importance_sampling_level`.
+        perturb_layers (`str` or `list[int]`, *optional*, defaults to `"all"`):
+            Which decoder layers get noise on their input hidden state: `"all"`, `"early"`, `"middle"`, `"late"`
+            (thirds of the decoder stack), `"logits"` (the final hidden state only, before the LM head), `"none"`, or a
+            list of layer indices (negative indices count from the end).
+        perturb_sigma_init (`float`, *optional*, defaults to `0.02`):
+            Initial noise standard deviation of every perturbed layer.
+        perturb_sigma_learnable (`bool`, *optional*, defaults to `True`):
+            Whether sigma is trained by the RL loss (through the reparameterised noise) or kept fixed.
+        perturb_lr (`float`, *optional*, defaults to `1e-2`):
+            Learning rate of the sigma parameters, which live in their own optimizer group without weight decay.
+        perturb_sigma_shape (`str`, *optional*, defaults to `"scalar"`):
+            `"scalar"`: one sigma per layer. `"channel"`: one sigma per hidden unit per layer.
+        perturb_noise_scale (`str`, *optional*, defaults to `"absolute"`):
+            `"absolute"`: the noise is `sigma * eps` (the paper's form). `"rms"`: the noise is scaled by each token's
+            (detached) hidden-state RMS, so that a given sigma perturbs early and late layers alike.
+        perturb_seed (`int` or `None`, *optional*, defaults to `None`):
+            Base seed of the noise; `None` uses `seed`. The noise of a layer is a function of (seed, step, micro-step,
+            process rank, layer index), so gradient-checkpoint recomputation sees the same noise.
+        sequence_ratio_aggregation (`str`, *optional*, defaults to `"mean"`):
+            How sequence-level ratios (ALP, bypass) combine the token log-ratios: `"mean"` (geometric mean, GSPO
+            style) or `"sum"` (the full sequence likelihood ratio).
+        dual_clip_c (`float` or `None`, *optional*, defaults to `10.0`):
+            Dual-clip bound on negative advantages: the loss of a token with advantage `A < 0` is capped at `-c * A`.
+            `None` disables it. Must be > 1.
+        log_ratio_clamp (`float`, *optional*, defaults to `20.0`):
+            Log-ratios are clamped to `[-log_ratio_clamp, log_ratio_clamp]` before the exponential.
+        mis_threshold (`float`, *optional*, defaults to `3.0`):
+            `C` of the MIS / TIS baselines: weights outside `[1/C, C]` are masked (MIS) or truncated at `C` (TIS).
+        vllm_importance_sampling_correction (`bool` or `None`, *optional*, defaults to `None`):
+            TRL's own vLLM importance-sampling correction. `None` means: on for `off_policy_correction="none"`, off
+            otherwise, because ALP and the baselines replace it. Setting it to `True` together with another correction
+            is refused, so that two corrections never stack.
+    """
+
+    off_policy_correction: str = field(
+        default="alp",
+        metadata={
+            "help": "Off-policy correction of the policy update.",
+            "choices": list(OFF_POLICY_CORRECTIONS),
+        },
+    )
+    perturb_layers: str = field(
+        default="all",
+        metadata={
+            "help": "Decoder layers whose input hidden state gets noise: 'all', 'early', 'middle', 'late' (thirds of "
+            "the stack), 'logits' (final hidden state only), 'none', or a list of layer indices such as '0,5,11'."
+        },
+    )
+    perturb_sigma_init: float = field(
+        default=0.02, metadata={"help": "Initial noise standard deviation of every perturbed layer (>= 0)."}
+    )
+    perturb_sigma_learnable: bool = field(
+        default=True, metadata={"help": "Train sigma with the RL loss (True) or keep it at its initial value."}
+    )
+    perturb_lr: float = field(
+        default=1e-2, metadata={"help": "Learning rate of the sigma parameters (own optimizer group, no weight decay)."}
+    )
+    perturb_sigma_shape: str = field(
+        default="scalar",
+        metadata={
+            "help": "'scalar': one sigma per layer; 'channel': one sigma per hidden unit per layer.",
+            "choices": list(SIGMA_SHAPES),
+        },
+    )
+    perturb_noise_scale: str = field(
+        default="absolute",
+        metadata={
+            "help": "'absolute': noise = sigma * eps (the paper). 'rms': noise also scaled by each token's detached "
+            "hidden-state RMS, so one sigma means the same relative noise in every layer.",
+            "choices": list(NOISE_SCALES),
+        },
+    )
+    perturb_seed: int | None = field(
+        default=None, metadata={"help": "Base seed of the perturbation noise. None uses `seed`."}
+    )
+    sequence_ratio_aggregation: str = field(
+        default="mean",
+        metadata={
+            "help": "Sequence-level ratio from the token log-ratios: 'mean' (geometric, GSPO-style) or 'sum'.",
+            "choices": list(SEQUENCE_RATIO_AGGREGATIONS),
+        },
+    )
+    dual_clip_c: float | None = field(
+        default=10.0,
+        metadata={"help": "Dual-clip bound c (> 1) on negative advantages; None disables dual clipping."},
+    )
+    log_ratio_clamp: float = field(
+        default=20.0, metadata={"help": "Clamp log-ratios to [-value, value] before exponentiating (> 0)."}
+    )
+    mis_threshold: float = field(
+        default=3.0,
+        metadata={"help": "C of the MIS/TIS baselines: weights outside [1/C, C] are masked (MIS) or truncated (TIS)."},
+    )
+    vllm_importance_sampling_correction: bool | None = field(
+        default=None,
+        metadata={
+            "help": "TRL's vLLM importance-sampling correction. None: on only when off_policy_correction='none' "
+            "(ALP and the baselines replace it); True together with another correction is refused."
+        },
+    )
+
+    def __post_init__(self):
+        self._validate_alp_fields()
+        super().__post_init__()
+
+    @property
+    def uses_perturbation(self) -> bool:
+        """Whether the policy-update forward runs through the layerwise noise modules."""
+        return self.off_policy_correction == "alp" and self.perturb_layers != "none"
+
+    @property
+    def uses_rollout_logps(self) -> bool:
+        """Whether the objective needs the log-probs of the policy that sampled the rollout."""
+        return self.off_policy_correction != "none"
+
+    def _validate_alp_fields(self) -> None:
+        _check_choice("off_policy_correction", self.off_policy_correction, OFF_POLICY_CORRECTIONS)
+        _check_choice("perturb_sigma_shape", self.perturb_sigma_shape, SIGMA_SHAPES)
+        _check_choice("perturb_noise_scale", self.perturb_noise_scale, NOISE_SCALES)
+        _check_choice("sequence_ratio_aggregation", self.sequence_ratio_aggregation, SEQUENCE_RATIO_AGGREGATIONS)
+        self.perturb_layers = parse_layer_spec(self.perturb_layers)
+
+        if not isinstance(self.perturb_sigma_init, (int, float)) or not math.isfinite(self.perturb_sigma_init):
+            raise ValueError(f"`perturb_sigma_init` must be a finite number >= 0, got {self.perturb_sigma_init!r}.")
+        if self.perturb_sigma_init < 0:
+            raise ValueError(
+                f"`perturb_sigma_init` is a standard deviation and must be >= 0, got {self.perturb_sigma_init}."
+            )
+        if self.perturb_lr <= 0:
+            raise ValueError(f"`perturb_lr` must be > 0, got {self.perturb_lr}.")
+        if self.dual_clip_c is not None and self.dual_clip_c <= 1.0:
+            raise ValueError(
+                f"`dual_clip_c` must be > 1 (it caps the ratio of negative-advantage tokens at c), or None to "
+                f"disable dual clipping; got {self.dual_clip_c}."
+            )
+        if self.log_ratio_clamp <= 0:
+            raise ValueError(f"`log_ratio_clamp` must be > 0, got {self.log_ratio_clamp}.")
+        if self.mis_threshold <= 1.0:
+            raise ValueError(
+                f"`mis_threshold` must be > 1 (weights outside [1/C, C] are masked or truncated), got "
+                f"{self.mis_threshold}."
+            )
+        if self.off_policy_correction == "alp" and self.perturb_sigma_learnable and self.perturb_sigma_init == 0:
+            logger.warning(
+                "perturb_sigma_init=0 with perturb_sigma_learnable=True: sigma = exp(log_sigma) = 0 has zero "
+                "gradient and will stay 0. Use a small positive value (the paper's multi-turn setting uses 1e-6)."
+            )
+
+        correction = self.off_policy_correction
+        if correction == "none":
+            if self.vllm_importance_sampling_correction is None:
+                self.vllm_importance_sampling_correction = True  # TRL's default
+            return
+
+        # From here on, a correction of this package replaces TRL's.
+        if self.vllm_importance_sampling_correction:
+            raise ValueError(
+                f"`vllm_importance_sampling_correction=True` would stack TRL's vLLM importance-sampling weight on top "
+                f"of `off_policy_correction={correction!r}`, which already corrects for the rollout policy. Leave it "
+                "unset (or False), or set `off_policy_correction='none'` to use TRL's correction alone."
+            )
+        if self.vllm_importance_sampling_correction is None:
+            logger.info(
+                "off_policy_correction=%r replaces TRL's vLLM importance-sampling correction: "
+                "vllm_importance_sampling_correction is set to False.",
+                correction,
+            )
+        self.vllm_importance_sampling_correction = False
+
+        if self.loss_type not in CLIPPED_LOSS_TYPES:
+            raise ValueError(
+                f"`loss_type={self.loss_type!r}` is not supported with `off_policy_correction={correction!r}`; allowed "
+                f"loss types are {list(CLIPPED_LOSS_TYPES)} (or use off_policy_correction='none')."
+            )
+        unsupported = {
+            "top_entropy_quantile": self.top_entropy_quantile < 1.0,
+            "entropy_coef": self.entropy_coef != 0.0,
+            "use_adaptive_entropy": self.use_adaptive_entropy,
+            "off_policy_mask_threshold": self.off_policy_mask_threshold is not None,
+        }
+        for name, is_set in unsupported.items():
+            if is_set:
+                raise ValueError(
+                    f"`{name}` is not supported with `off_policy_correction={correction!r}`: leave it at its default, "
+                    "or set off_policy_correction='none' for TRL's plain GRPO loss."
+                )

@@ -1,0 +1,371 @@
+"""Layerwise Gaussian perturbation of a decoder LM's hidden states, the "P" of ALP.
+
+`LayerwisePerturbation` owns one `log_sigma` per selected layer (a scalar, or one per hidden unit) and attaches to the
+decoder layers of any Hugging Face causal LM through forward pre-hooks: no model class is patched. It is registered as
+a submodule of the model (under `alp_perturbation`) so that DDP, DeepSpeed and FSDP see and synchronise its parameters,
+and the noise is added by calling the module itself, so that ZeRO-3 gathers its parameters like any other module's.
+
+Noise is added only inside `active(step, micro_step)`, the context the trainer opens around the policy-update forward
+pass. Generation, evaluation, reference and old-policy log-probs never see it. If a model re-runs a layer's hooks while
+recomputing a gradient checkpoint during backward, the noise of that layer is reproduced exactly, because `eps` is a
+deterministic function of (seed, step, micro-step, process rank, layer index).
+"""
+
+import json
+import logging
+import math
+import os
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import LAYER_SPECS, NOISE_SCALES, SIGMA_SHAPES, parse_layer_spec
+
+
+logger = logging.getLogger(__name__)
+
+MODULE_NAME = "alp_perturbation"
+SIDE_FILE = "alp_perturbation.safetensors"
+SIDE_CONFIG_FILE = "alp_perturbation.json"
+_NON_TEXT_HINTS = ("vision", "visual", "image", "audio", "speech", "encoder.")
+_MASK64 = (1 << 64) - 1
+
+
+def _text_config(model: nn.Module):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _config_int(config, *names: str) -> int | None:
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def find_decoder_layers(model: nn.Module, layers_path: str | None = None) -> tuple[str, nn.ModuleList]:
+    """
+    Find the stack of decoder layers of a (possibly PEFT-wrapped) causal LM: the `nn.ModuleList` whose length is the
+    config's number of hidden layers and whose children share one class (`model.layers` for Llama, Qwen, Mistral,
+    Gemma; `transformer.h` for GPT-2; ...). Vision / audio towers of multimodal models are skipped. `layers_path`
+    (a dotted path such as `"model.layers"`) overrides the search.
+    """
+    if layers_path is not None:
+        module = model.get_submodule(layers_path)
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            raise ValueError(f"`{layers_path}` is not a non-empty nn.ModuleList of decoder layers.")
+        return layers_path, module
+    num_layers = _config_int(_text_config(model), "num_hidden_layers", "n_layer", "num_layers")
+    candidates = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if num_layers is not None and len(module) != num_layers:
+            continue
+        if len({type(child) for child in module}) != 1:
+            continue
+        if any(hint in name.lower() for hint in _NON_TEXT_HINTS):
+            continue
+        candidates.append((name, module))
+    if not candidates:
+        raise ValueError(
+            f"Could not find the decoder layers of {type(model).__name__} (looked for an nn.ModuleList of "
+            f"{num_layers} identical layers). Pass the dotted path of the layer list explicitly."
+        )
+    # Several lists of the same length (e.g. an encoder-decoder): the shortest path is the main stack.
+    return min(candidates, key=lambda item: item[0].count("."))
+
+
+def resolve_layer_indices(spec: str | list[int], num_layers: int) -> tuple[list[int], bool]:
+    """
+    Turn a layer selection into sorted layer indices and a flag for the final hidden state.
+
+    `"early"`, `"middle"`, `"late"` are the thirds `[0, round(L/3))`, `[round(L/3), round(2L/3))`,
+    `[round(2L/3), L)`; `"logits"` selects only the final hidden state; negative indices count from the end.
+    """
+    spec = parse_layer_spec(spec)
+    if spec == "none":
+        return [], False
+    if spec == "logits":
+        return [], True
+    if spec == "all":
+        return list(range(num_layers)), False
+    if isinstance(spec, str):
+        bounds = [0, round(num_layers / 3), round(2 * num_layers / 3), num_layers]
+        third = ("early", "middle", "late").index(spec)
+        indices = list(range(bounds[third], bounds[third + 1]))
+        if not indices:
+            raise ValueError(f"`perturb_layers={spec!r}` selects no layer of a model with {num_layers} layers.")
+        return indices, False
+    indices = []
+    for index in spec:
+        if not -num_layers <= index < num_layers:
+            raise ValueError(
+                f"`perturb_layers` index {index} is out of range for a model with {num_layers} decoder layers "
+                f"(allowed: {-num_layers}..{num_layers - 1})."
+            )
+        indices.append(index % num_layers)
+    return sorted(set(indices)), False
+
+
+def noise_seed(*parts: int) -> int:
+    """Mix integers into one 63-bit seed (splitmix64 steps), so nearby keys give unrelated noise streams."""
+    state = 0x9E3779B97F4A7C15
+    for part in parts:
+        state = (state ^ (int(part) & _MASK64)) & _MASK64
+        state = (state + 0x9E3779B97F4A7C15) & _MASK64
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+        state = z ^ (z >> 31)
+    return state & ((1 << 63) - 1)
+
+
+class LayerwisePerturbation(nn.Module):
+    """
+    Learnable Gaussian noise on the input hidden state of selected decoder layers.
+
+    Each selected layer `l` (a slot `k` of this module) gets `h <- h + sigma_k * eps` with
+    `sigma_k = exp(log_sigma[k])` and `eps ~ N(0, I)` of the hidden state's shape, drawn from a generator seeded by
+    (seed, step, micro_step, rank, l). With `noise_scale="rms"`, `eps` is also multiplied by the (detached) RMS of
+    each token's hidden state. The final-hidden-state slot (`perturb_layers="logits"`) has layer id `num_layers`.
+
+    Use [`LayerwisePerturbation.attach`] to build and hook it onto a model, [`active`] to switch the noise on, and
+    [`detach`] to remove every trace of it.
+
+    Args:
+        layer_ids (`list[int]`): the layer id of each slot.
+        hidden_size (`int`): hidden size of the model.
+        sigma_init (`float`): initial sigma of every slot (>= 0).
+        sigma_shape (`str`): `"scalar"` or `"channel"`.
+        learnable (`bool`): whether `log_sigma` requires gradients.
+        noise_scale (`str`): `"absolute"` or `"rms"`.
+        seed (`int`): base seed of the noise.
+    """
+
+    def __init__(
+        self,
+        layer_ids: list[int],
+        hidden_size: int,
+        sigma_init: float = 0.02,
+        sigma_shape: str = "scalar",
+        learnable: bool = True,
+        noise_scale: str = "absolute",
+        seed: int = 0,
+    ):
+        super().__init__()
+        if sigma_shape not in SIGMA_SHAPES:
+            raise ValueError(f"`sigma_shape` got {sigma_shape!r}; allowed values are {list(SIGMA_SHAPES)}.")
+        if noise_scale not in NOISE_SCALES:
+            raise ValueError(f"`noise_scale` got {noise_scale!r}; allowed values are {list(NOISE_SCALES)}.")
+        if sigma_init < 0:
+            raise ValueError(f"`sigma_init` must be >= 0, got {sigma_init}.")
+        if not layer_ids:
+            raise ValueError("LayerwisePerturbation needs at least one layer.")
+        self.layer_ids = list(layer_ids)
+        self.hidden_size = hidden_size
+        self.sigma_shape = sigma_shape
+        self.noise_scale = noise_scale
+        self.seed = int(seed)
+        self.rank = 0
+        shape = (len(layer_ids),) if sigma_shape == "scalar" else (len(layer_ids), hidden_size)
+        log_init = math.log(sigma_init) if sigma_init > 0 else float("-inf")
+        self.log_sigma = nn.Parameter(torch.full(shape, log_init, dtype=torch.float32), requires_grad=learnable)
+        self._key: tuple[int, int] | None = None  # set inside `active`
+        self._backward_key: tuple[int, int] | None = None  # the last active key, for checkpoint recomputation
+        self._handles: list = []
+        self._host_ref: weakref.ref | None = None  # a weak reference: the host must not become a submodule
+        self.num_noise_calls = 0  # how many times noise was added (diagnostics and tests)
+
+    # ------------------------------------------------------------------------------------------------ construction
+    @classmethod
+    def attach(
+        cls,
+        model: nn.Module,
+        layers: str | list[int] = "all",
+        sigma_init: float = 0.02,
+        sigma_shape: str = "scalar",
+        learnable: bool = True,
+        noise_scale: str = "absolute",
+        seed: int = 0,
+        layers_path: str | None = None,
+    ) -> "LayerwisePerturbation":
+        """Build a perturbation for `model` (any HF causal LM, PEFT-wrapped or not) and hook it onto its layers."""
+        if hasattr(model, MODULE_NAME):
+            raise ValueError(f"{type(model).__name__} already has an `{MODULE_NAME}` attached; detach it first.")
+        path, decoder_layers = find_decoder_layers(model, layers_path)
+        num_layers = len(decoder_layers)
+        indices, final = resolve_layer_indices(layers, num_layers)
+        hidden_size = _config_int(_text_config(model), "hidden_size", "n_embd", "d_model")
+        if hidden_size is None:
+            raise ValueError(f"Could not read the hidden size from the config of {type(model).__name__}.")
+        layer_ids = indices + ([num_layers] if final else [])
+        module = cls(layer_ids, hidden_size, sigma_init, sigma_shape, learnable, noise_scale, seed)
+        reference = next(model.parameters(), None)
+        if reference is not None:
+            module.to(device=reference.device)
+        model.add_module(MODULE_NAME, module)
+        module._host_ref = weakref.ref(model)
+        for slot, index in enumerate(indices):
+            hook = decoder_layers[index].register_forward_pre_hook(module._make_pre_hook(slot), with_kwargs=True)
+            module._handles.append(hook)
+        if final:
+            backbone = model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else model
+            module._handles.append(backbone.register_forward_hook(module._make_output_hook(len(indices))))
+        logger.info("ALP perturbation attached to %s (%d layers at `%s`): layers %s", type(model).__name__,
+                    num_layers, path, layer_ids)
+        return module
+
+    def detach(self) -> None:
+        """Remove the hooks and the submodule: the host model is left exactly as it was before `attach`."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        host = self.host
+        if host is not None and getattr(host, MODULE_NAME, None) is self:
+            delattr(host, MODULE_NAME)
+        self._host_ref = None
+
+    @property
+    def host(self) -> nn.Module | None:
+        """The model this perturbation is attached to (None once detached)."""
+        return self._host_ref() if self._host_ref is not None else None
+
+    @contextmanager
+    def unregistered(self) -> Iterator[None]:
+        """Temporarily remove the submodule from its host (hooks stay), e.g. to save the bare model weights."""
+        host = self.host
+        if host is None or getattr(host, MODULE_NAME, None) is not self:
+            yield
+            return
+        delattr(host, MODULE_NAME)
+        try:
+            yield
+        finally:
+            host.add_module(MODULE_NAME, self)
+
+    # ------------------------------------------------------------------------------------------------- noise state
+    @contextmanager
+    def active(self, step: int, micro_step: int = 0) -> Iterator["LayerwisePerturbation"]:
+        """Add noise to every forward pass run inside this context, keyed by (step, micro_step)."""
+        previous = self._key
+        self._key = self._backward_key = (int(step), int(micro_step))
+        try:
+            yield self
+        finally:
+            self._key = previous
+
+    def disarm(self) -> None:
+        """Forget the last active key: a later backward recomputation will not add noise any more."""
+        self._backward_key = None
+
+    def _current_key(self) -> tuple[int, int] | None:
+        if self._key is not None:
+            return self._key
+        # A gradient-checkpointed layer whose hooks run inside the checkpoint is re-run during backward: reproduce the
+        # noise of the forward pass it replays. Outside backward (generation, eval, reference), no noise.
+        if self._backward_key is not None and torch._C._current_graph_task_id() != -1:
+            return self._backward_key
+        return None
+
+    @property
+    def sigma(self) -> torch.Tensor:
+        """Current sigma of every slot (detached), `(num_slots,)` or `(num_slots, hidden_size)`."""
+        return self.log_sigma.detach().exp()
+
+    def sigma_per_layer(self) -> dict[int, float]:
+        """Mean sigma of each perturbed layer id (the mean over channels for `sigma_shape="channel"`)."""
+        sigma = self.sigma.float()
+        values = sigma if sigma.dim() == 1 else sigma.mean(-1)
+        return {layer: float(v) for layer, v in zip(self.layer_ids, values.tolist())}
+
+    def forward(self, hidden_states: torch.Tensor, slot: int) -> torch.Tensor:
+        """Return `hidden_states + sigma[slot] * eps` (unchanged outside `active`)."""
+        key = self._current_key()
+        if key is None:
+            return hidden_states
+        layer_id = self.layer_ids[slot]
+        generator = torch.Generator(device=hidden_states.device)
+        generator.manual_seed(noise_seed(self.seed, key[0], key[1], self.rank, layer_id))
+        eps = torch.randn(
+            hidden_states.shape, generator=generator, device=hidden_states.device, dtype=hidden_states.dtype
+        )
+        if self.noise_scale == "rms":
+            rms = hidden_states.detach().float().pow(2).mean(-1, keepdim=True).sqrt()
+            eps = eps * rms.to(hidden_states.dtype)
+        sigma = self.log_sigma[slot].exp().to(hidden_states.dtype)
+        self.num_noise_calls += 1
+        return hidden_states + sigma * eps
+
+    # ---------------------------------------------------------------------------------------------------- hooking
+    def _make_pre_hook(self, slot: int):
+        def pre_hook(layer, args, kwargs):
+            if self._current_key() is None:
+                return None
+            if args:
+                return (self(args[0], slot), *args[1:]), kwargs
+            if "hidden_states" in kwargs:
+                return args, {**kwargs, "hidden_states": self(kwargs["hidden_states"], slot)}
+            raise RuntimeError(f"Could not find the hidden states in the inputs of {type(layer).__name__}.")
+
+        return pre_hook
+
+    def _make_output_hook(self, slot: int):
+        def output_hook(backbone, args, output):
+            if self._current_key() is None:
+                return None
+            if isinstance(output, tuple):
+                return (self(output[0], slot), *output[1:])
+            output["last_hidden_state"] = self(output["last_hidden_state"], slot)
+            return output
+
+        return output_hook
+
+    # ------------------------------------------------------------------------------------------------ persistence
+    def describe(self) -> dict:
+        """JSON-serialisable description: settings and current sigma per layer."""
+        return {
+            "layer_ids": self.layer_ids,
+            "hidden_size": self.hidden_size,
+            "sigma_shape": self.sigma_shape,
+            "noise_scale": self.noise_scale,
+            "learnable": self.log_sigma.requires_grad,
+            "seed": self.seed,
+            "sigma_per_layer": {str(k): v for k, v in self.sigma_per_layer().items()},
+        }
+
+    def save(self, directory: str) -> None:
+        """Write `alp_perturbation.safetensors` (log_sigma) and `alp_perturbation.json` into `directory`."""
+        os.makedirs(directory, exist_ok=True)
+        save_file({"log_sigma": self.log_sigma.detach().float().cpu().contiguous()}, os.path.join(directory, SIDE_FILE))
+        with open(os.path.join(directory, SIDE_CONFIG_FILE), "w") as f:
+            json.dump(self.describe(), f, indent=2)
+
+    def load(self, directory: str) -> bool:
+        """Load `log_sigma` from a directory written by [`save`]; returns False if there is no side file."""
+        path = os.path.join(directory, SIDE_FILE)
+        if not os.path.exists(path):
+            return False
+        log_sigma = load_file(path)["log_sigma"]
+        if log_sigma.shape != self.log_sigma.shape:
+            raise ValueError(f"{path} holds log_sigma of shape {tuple(log_sigma.shape)}, expected "
+                             f"{tuple(self.log_sigma.shape)} (different perturb_layers / perturb_sigma_shape?).")
+        with torch.no_grad():
+            self.log_sigma.copy_(log_sigma.to(self.log_sigma.device, self.log_sigma.dtype))
+        return True
+
+
+__all__ = [
+    "LAYER_SPECS",
+    "MODULE_NAME",
+    "SIDE_FILE",
+    "LayerwisePerturbation",
+    "find_decoder_layers",
+    "noise_seed",
+    "resolve_layer_indices",
+]

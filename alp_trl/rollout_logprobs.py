@@ -1,0 +1,78 @@
+"""Capture the log-probs of the sampled tokens from a transformers `generate` call, without an extra forward pass.
+
+When vLLM generates, TRL already receives the sampling log-probs from the engine. With plain transformers generation
+it does not, so ALP's denominator would need another forward pass. `capture_generation_logprobs` instead records them
+while `generate` runs: a forward hook on the causal LM sees, at every decoding step, the logits of the next token and
+the token sampled at the previous step (it is the input of the current step). It keeps only one `(batch, vocab)`
+distribution at a time.
+
+The log-probs are `log_softmax(logits / temperature)`, the same processing TRL's trainer applies to its own log-probs.
+Sampling with `top_p < 1`, `top_k > 0`, `min_p` or a repetition penalty draws from a different (truncated or reshaped)
+distribution: the captured log-probs, like TRL's, then refer to the untruncated one, and the importance ratio is
+biased on the tokens the truncation changed.
+"""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+class GenerationLogprobRecorder:
+    """State of one capture: per-step log-probs of the tokens sampled so far, and the pending distribution."""
+
+    def __init__(self, temperature: float):
+        self.temperature = float(temperature)
+        self.steps: list[torch.Tensor] = []  # step t -> (B,) log-prob of the token sampled at step t
+        self.pending: torch.Tensor | None = None  # (B, V) log-probs of the distribution sampled at the last step
+        self.num_calls = 0
+
+    def hook(self, module, args, kwargs, output) -> None:
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        logits = output["logits"] if not isinstance(output, tuple) else output[0]
+        if input_ids is None or logits is None:
+            return
+        if self.pending is not None:
+            # The input of this step is the token sampled from the pending distribution.
+            sampled = input_ids[:, -1:].to(self.pending.device)
+            self.steps.append(self.pending.gather(-1, sampled).squeeze(-1))
+        self.pending = torch.log_softmax(logits[:, -1, :].float() / self.temperature, dim=-1)
+        self.num_calls += 1
+
+    def logprobs_for(self, completion_ids: list[list[int]]) -> list[list[float]]:
+        """Per-sequence log-probs of `completion_ids` (the sampled tokens, possibly cut after EOS)."""
+        if self.pending is None:
+            return [[] for _ in completion_ids]
+        num_steps = len(self.steps) + 1
+        if len(completion_ids) != self.pending.size(0):
+            raise RuntimeError(
+                f"Captured {self.pending.size(0)} generated sequences but got {len(completion_ids)} completions."
+            )
+        columns = torch.stack(self.steps, dim=1).cpu() if self.steps else torch.empty(len(completion_ids), 0)
+        last = self.pending.cpu()
+        result = []
+        for row, ids in enumerate(completion_ids):
+            if len(ids) > num_steps:
+                raise RuntimeError(f"Completion {row} has {len(ids)} tokens but only {num_steps} steps were captured.")
+            values = columns[row, : min(len(ids), num_steps - 1)].tolist()
+            if len(ids) == num_steps:
+                values.append(float(last[row, ids[-1]]))
+            result.append(values)
+        return result
+
+
+@contextmanager
+def capture_generation_logprobs(model: nn.Module, temperature: float = 1.0) -> Iterator[GenerationLogprobRecorder]:
+    """
+    Record the log-probs of the tokens sampled by `model.generate` inside this context.
+
+    `model` is the causal LM whose forward `generate` calls at every step (for a PEFT model, its base model). Use
+    `recorder.logprobs_for(completion_ids)` after `generate` returns.
+    """
+    recorder = GenerationLogprobRecorder(temperature)
+    handle = model.register_forward_hook(recorder.hook, with_kwargs=True)
+    try:
+        yield recorder
+    finally:
+        handle.remove()

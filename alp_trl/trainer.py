@@ -1,0 +1,383 @@
+"""`ALPGRPOTrainer`: TRL's `GRPOTrainer` with Adaptive Layerwise Perturbation and the off-policy baselines.
+
+The trainer is a list of "here we differ from GRPOTrainer, because ...":
+
+- `__init__`: attaches `LayerwisePerturbation` to the policy (ALP only);
+- `_generate_single_turn`: with transformers generation, records the sampling log-probs while `generate` runs, so the
+  rollout denominator costs no extra forward pass (vLLM already returns them);
+- `_generate_and_score_completions`: guarantees a rollout denominator and counts NaN rollout log-probs;
+- `_compute_loss`: the policy-update forward runs with the noise on, then the math of `objectives.py`;
+- `create_optimizer`: sigma gets its own parameter group (`perturb_lr`, no weight decay);
+- `_save` / `_load_from_checkpoint`: sigma goes to a side file, never into the model weights.
+"""
+
+import logging
+import os
+from contextlib import nullcontext
+
+import torch
+from trl import GRPOTrainer
+
+from .config import ALPConfig
+from .diagnostics import ratio_statistics
+from .objectives import (
+    aggregate_loss,
+    clipped_surrogate,
+    importance_log_ratio,
+    low_variance_kl,
+    masked_mean,
+    rollout_correction_weight,
+)
+from .perturbation import MODULE_NAME, LayerwisePerturbation
+from .rollout_logprobs import capture_generation_logprobs
+
+
+logger = logging.getLogger(__name__)
+
+_FORWARD_KWARG_KEYS = (
+    "pixel_values",
+    "image_grid_thw",
+    "num_images",
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "num_tiles",
+    "image_sizes",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "image_position_ids",
+)
+
+
+class ALPGRPOTrainer(GRPOTrainer):
+    """
+    [`~trl.GRPOTrainer`] with Adaptive Layerwise Perturbation (ALP) and the off-policy baselines of the ALP paper.
+
+    With `off_policy_correction="alp"` (the default of [`ALPConfig`]), the policy-update forward pass adds learnable
+    Gaussian noise `sigma_l * eps` to the input hidden state of the selected decoder layers, and the loss uses one
+    importance ratio: the perturbed training policy over the unperturbed policy that sampled the rollout (vLLM's
+    log-probs with `use_vllm=True`, otherwise those of the transformers generation, captured while it runs). The ratio
+    is token- or sequence-level (`importance_sampling_level`), clamped, PPO-clipped (`epsilon`, `epsilon_high`) and
+    dual-clipped on negative advantages (`dual_clip_c`), and aggregated as `loss_type` says. The baselines `"bypass"`,
+    `"token_mis"`, `"seq_mis"`, `"tis"` and `"none"` (plain GRPO) are one config switch away.
+
+    Args:
+        model, reward_funcs, train_dataset, eval_dataset, processing_class, ...:
+            As for [`~trl.GRPOTrainer`].
+        args ([`ALPConfig`], *optional*):
+            Configuration; `None` builds a default `ALPConfig`.
+
+    Example:
+
+    ```python
+    from alp_trl import ALPConfig, ALPGRPOTrainer
+
+    trainer = ALPGRPOTrainer(
+        model="Qwen/Qwen2.5-0.5B-Instruct",
+        reward_funcs=my_reward,
+        args=ALPConfig(output_dir="out", importance_sampling_level="sequence", perturb_sigma_init=0.02),
+        train_dataset=dataset,
+    )
+    trainer.train()
+    ```
+    """
+
+    _tag_names = ["trl", "grpo", "alp"]
+    _name = "ALP-GRPO"
+
+    def __init__(self, model, reward_funcs=None, args: ALPConfig | None = None, **kwargs):
+        if args is None:
+            model_name = model if isinstance(model, str) else model.config._name_or_path
+            args = ALPConfig(output_dir=f"{str(model_name).split('/')[-1]}-ALP")
+        elif not isinstance(args, ALPConfig):
+            raise TypeError(
+                f"ALPGRPOTrainer needs an ALPConfig, got {type(args).__name__}. Build one with the same fields: "
+                "ALPConfig(**your_grpo_config.to_dict()) or use trl.GRPOTrainer for plain GRPO."
+            )
+        super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
+        self._warned_missing_rollout_logps = False
+        self.perturbation: LayerwisePerturbation | None = None
+        if args.uses_perturbation:
+            self.perturbation = LayerwisePerturbation.attach(
+                self.model,
+                layers=args.perturb_layers,
+                sigma_init=args.perturb_sigma_init,
+                sigma_shape=args.perturb_sigma_shape,
+                learnable=args.perturb_sigma_learnable,
+                noise_scale=args.perturb_noise_scale,
+                seed=args.perturb_seed if args.perturb_seed is not None else args.seed,
+            )
+            self.perturbation.rank = self.accelerator.process_index
+        if args.uses_rollout_logps:
+            self._warn_on_truncated_sampling()
+
+    def _warn_on_truncated_sampling(self) -> None:
+        args = self.args
+        reshaped = []
+        if args.top_p is not None and args.top_p < 1.0:
+            reshaped.append(f"top_p={args.top_p}")
+        if args.top_k is not None and args.top_k > 0:
+            reshaped.append(f"top_k={args.top_k}")
+        if args.min_p is not None:
+            reshaped.append(f"min_p={args.min_p}")
+        if args.repetition_penalty != 1.0:
+            reshaped.append(f"repetition_penalty={args.repetition_penalty}")
+        if reshaped:
+            logger.warning(
+                "off_policy_correction=%r with %s: completions are sampled from a truncated/reshaped distribution, "
+                "but the trainer's log-probs (the numerator) are those of the full temperature-scaled distribution, "
+                "so the importance ratio is biased on the tokens the truncation changed. Use top_p=1, top_k=0 for an "
+                "unbiased ratio.",
+                args.off_policy_correction,
+                ", ".join(reshaped),
+            )
+
+    # ------------------------------------------------------------------------------------------------ generation
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        if self.use_vllm or self.use_transformers_continuous_batching or not self.args.uses_rollout_logps:
+            return super()._generate_single_turn(
+                prompt_ids, images, multimodal_fields, num_generations, has_tool_images=has_tool_images
+            )
+        # Plain transformers generation: record the log-probs of the sampled tokens while `generate` runs.
+        policy = self.accelerator.unwrap_model(self.model)
+        causal_lm = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+        with capture_generation_logprobs(causal_lm, temperature=self.temperature) as recorder:
+            completion_ids, _ = super()._generate_single_turn(
+                prompt_ids, images, multimodal_fields, num_generations, has_tool_images=has_tool_images
+            )
+        return completion_ids, recorder.logprobs_for(completion_ids)
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        if not self.args.uses_rollout_logps:
+            return output
+        mask = output["completion_mask"]
+        if "tool_mask" in output:
+            mask = mask * output["tool_mask"]
+        if "sampling_per_token_logps" not in output:
+            output["sampling_per_token_logps"] = self._recompute_rollout_logps(output)
+        rollout = output["sampling_per_token_logps"]
+        mode = "train" if self.model.training else "eval"
+        nan_count = (torch.isnan(rollout) & mask.bool()).sum().float()
+        totals = self.accelerator.reduce(torch.stack([nan_count, mask.sum().float()]), reduction="sum")
+        self._metrics[mode]["alp/rollout_logp_nan_frac"].append((totals[0] / totals[1].clamp(min=1.0)).item())
+        return output
+
+    @torch.no_grad()
+    def _recompute_rollout_logps(self, output) -> torch.Tensor:
+        """Fallback when the generation backend returned no log-probs: one noise-free forward of the policy."""
+        if not self._warned_missing_rollout_logps:
+            logger.warning(
+                "The generation backend returned no sampling log-probs; off_policy_correction=%r uses the log-probs "
+                "of the unperturbed policy recomputed after generation instead (one extra forward pass per "
+                "generation batch). This ignores any train-inference mismatch of the backend.",
+                self.args.off_policy_correction,
+            )
+            self._warned_missing_rollout_logps = True
+        input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+        attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+        logps, _, _ = self._get_per_token_logps_and_entropies(
+            self.model,
+            input_ids,
+            attention_mask,
+            output["completion_ids"].size(1),
+            batch_size=self.args.per_device_train_batch_size,
+            **{k: output[k] for k in _FORWARD_KWARG_KEYS if k in output},
+        )
+        return logps
+
+    # ------------------------------------------------------------------------------------------------------ loss
+    def training_step(self, model, inputs, num_items_in_batch):
+        try:
+            return super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            if self.perturbation is not None:
+                self.perturbation.disarm()
+
+    def _perturbed(self, mode: str):
+        """The noise context of the policy-update forward pass (train mode only), keyed by (step, micro-step)."""
+        if self.perturbation is None or mode != "train":
+            return nullcontext()
+        return self.perturbation.active(self.state.global_step, self._step)
+
+    def _compute_loss(self, model, inputs):
+        args = self.args
+        correction = args.off_policy_correction
+        if correction == "none":
+            return super()._compute_loss(model, inputs)
+
+        mode = "train" if self.model.training else "eval"
+        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+
+        with self._perturbed(mode):
+            per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
+                model,
+                input_ids,
+                attention_mask,
+                completion_ids.size(1),
+                compute_entropy=True,
+                compute_aux_loss=self.aux_loss_enabled,
+                **{k: inputs.get(k) for k in _FORWARD_KWARG_KEYS},
+            )
+
+        advantages = inputs["advantages"]
+        if advantages.dim() == 1:
+            advantages = advantages.unsqueeze(1)
+        rollout_logps = inputs["sampling_per_token_logps"]
+        # Tokens the engine could not score: ratio 1 against the current policy, rather than NaN.
+        rollout_logps = torch.where(torch.isnan(rollout_logps), per_token_logps.detach(), rollout_logps)
+
+        level = self.importance_sampling_level
+        if correction in ("alp", "bypass"):
+            denominator, weight = rollout_logps, None
+        else:
+            old_logps = inputs.get("old_per_token_logps")
+            denominator = per_token_logps.detach() if old_logps is None else old_logps
+            weight = rollout_correction_weight(
+                denominator,
+                rollout_logps,
+                mask,
+                level="sequence" if correction == "seq_mis" else "token",
+                threshold=args.mis_threshold,
+                mode="truncate" if correction == "tis" else "mask",
+                clamp=args.log_ratio_clamp,
+            )
+        log_ratio = importance_log_ratio(
+            per_token_logps, denominator, mask, level, args.sequence_ratio_aggregation, args.log_ratio_clamp
+        )
+        surrogate = clipped_surrogate(
+            log_ratio, advantages, self.epsilon_low, self.epsilon_high, args.dual_clip_c, args.delta
+        )
+        per_token_loss = surrogate.per_token_loss
+        if weight is not None:
+            per_token_loss = per_token_loss * weight
+
+        if self.beta != 0.0:
+            per_token_kl = low_variance_kl(per_token_logps, inputs["ref_per_token_logps"])
+            if args.use_bias_correction_kl:
+                per_token_kl = per_token_kl * surrogate.ratio
+            per_token_loss = per_token_loss + self.beta * per_token_kl
+
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        if self.loss_type == "dapo":
+            # `num_items_in_batch` spans the generation batch: rescale it to one accumulation window, as TRL does.
+            num_items = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            if mode == "train":
+                num_items = num_items * self.current_gradient_accumulation_steps / args.steps_per_generation
+            loss = aggregate_loss(per_token_loss, mask, "dapo", num_items=num_items)
+        else:
+            loss = aggregate_loss(per_token_loss, mask, self.loss_type, args.max_completion_length) / accumulation
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
+
+        self._log_loss_metrics(mode, per_token_logps, rollout_logps, mask, entropies, surrogate, weight)
+        if self.beta != 0.0:
+            self._metrics[mode]["kl"].append(self._global_mean(per_token_kl, mask))
+        return loss
+
+    # --------------------------------------------------------------------------------------------------- metrics
+    def _global_mean(self, x: torch.Tensor, mask: torch.Tensor) -> float:
+        """Masked mean of `x` over every process's tokens."""
+        x = x.detach().float().expand_as(mask)
+        local = torch.stack([(x * mask).sum(), mask.sum().float()])
+        totals = self.accelerator.reduce(local, reduction="sum")
+        return (totals[0] / totals[1].clamp(min=1.0)).item()
+
+    def _log_loss_metrics(self, mode, per_token_logps, rollout_logps, mask, entropies, surrogate, weight) -> None:
+        metrics = self._metrics[mode]
+        metrics["entropy"].append(self._global_mean(entropies, mask))
+        low, high, dual = surrogate.low_clipped.float(), surrogate.high_clipped.float(), surrogate.dual_clipped.float()
+        metrics["clip_ratio/low_mean"].append(self._global_mean(low, mask))
+        metrics["clip_ratio/high_mean"].append(self._global_mean(high, mask))
+        metrics["clip_ratio/region_mean"].append(self._global_mean(torch.maximum(low, high), mask))
+        metrics["alp/dual_clip_frac"].append(self._global_mean(dual, mask))
+        metrics["alp/clip_frac"].append(self._global_mean(torch.maximum(torch.maximum(low, high), dual), mask))
+        if weight is not None:
+            name = "alp/tis_truncated_frac" if self.args.off_policy_correction == "tis" else "alp/mis_masked_frac"
+            hit = weight >= self.args.mis_threshold if self.args.off_policy_correction == "tis" else weight == 0
+            metrics[name].append(self._global_mean(hit.float(), mask))
+
+        # Token-level train-vs-rollout statistics (the train side is the perturbed policy under ALP).
+        stats = ratio_statistics(per_token_logps.detach() - rollout_logps, mask)
+        keys = ("ratio_p50", "ratio_p99", "ratio_max", "log_ratio_abs_max", "kl_k3")
+        gathered = self.accelerator.gather(torch.stack([stats[k] for k in keys]).unsqueeze(0)).view(-1, len(keys))
+        metrics["alp/ratio/p50"].append(gathered[:, 0].mean().item())
+        metrics["alp/ratio/p99"].append(gathered[:, 1].mean().item())
+        metrics["alp/ratio/max"].append(gathered[:, 2].max().item())
+        metrics["alp/log_ratio_abs_max"].append(gathered[:, 3].max().item())
+        metrics["alp/train_rollout_kl"].append(gathered[:, 4].mean().item())
+        if self.perturbation is not None:
+            per_layer = self.perturbation.sigma_per_layer()
+            metrics["alp/sigma_mean"].append(sum(per_layer.values()) / len(per_layer))
+            for layer, value in per_layer.items():
+                metrics[f"alp/sigma/layer_{layer:02d}"].append(value)
+
+    # ----------------------------------------------------------------------------------------------- optimizer
+    def create_optimizer(self, model=None):
+        """Build TRL's optimizer for the model weights, then give sigma its own group (`perturb_lr`, no decay)."""
+        sigma = self.perturbation.log_sigma if self.perturbation is not None else None
+        if sigma is None or not sigma.requires_grad:
+            return super().create_optimizer(model)
+        if self.optimizer is None:
+            sigma.requires_grad_(False)  # keep sigma out of the weight groups built by Trainer
+            try:
+                super().create_optimizer(model)
+            finally:
+                sigma.requires_grad_(True)
+        if not any(p is sigma for group in self.optimizer.param_groups for p in group["params"]):
+            self.optimizer.add_param_group({"params": [sigma], "lr": self.args.perturb_lr, "weight_decay": 0.0})
+        return self.optimizer
+
+    # ----------------------------------------------------------------------------------------------- persistence
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        if self.perturbation is None:
+            return super()._save(output_dir, state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if state_dict is not None:
+            state_dict = {k: v for k, v in state_dict.items() if MODULE_NAME not in k.split(".")}
+        # Save the model without the perturbation submodule, then sigma into its side file.
+        with self.perturbation.unregistered():
+            super()._save(output_dir, state_dict)
+        if self.args.should_save:
+            self.perturbation.save(output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if self.perturbation is None:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        with self.perturbation.unregistered():
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if not self.perturbation.load(resume_from_checkpoint):
+            logger.warning("No %s in %s: sigma starts from perturb_sigma_init.", "ALP side file",
+                           resume_from_checkpoint)
+
+    def create_model_card(self, *args, **kwargs):
+        super().create_model_card(*args, **kwargs)
+        if not self.is_world_process_zero():
+            return
+        path = os.path.join(self.args.output_dir, "README.md")
+        if not os.path.exists(path):
+            return
+        a = self.args
+        lines = [
+            "",
+            "## ALP settings",
+            "",
+            f"- off_policy_correction: `{a.off_policy_correction}`",
+            f"- importance_sampling_level: `{a.importance_sampling_level}` "
+            f"(sequence aggregation `{a.sequence_ratio_aggregation}`)",
+            f"- clip: epsilon `{a.epsilon}`, epsilon_high `{a.epsilon_high}`, dual_clip_c `{a.dual_clip_c}`",
+        ]
+        if self.perturbation is not None:
+            sigma = ", ".join(f"{k}: {v:.4g}" for k, v in self.perturbation.sigma_per_layer().items())
+            lines += [
+                f"- perturb_layers: `{a.perturb_layers}`, sigma shape `{a.perturb_sigma_shape}`, "
+                f"noise scale `{a.perturb_noise_scale}`",
+                f"- sigma per layer: {sigma}",
+                "- sigma is stored in `alp_perturbation.safetensors` beside the weights and is not part of them.",
+            ]
+        with open(path, "a") as f:
+            f.write("\n".join(lines) + "\n")
