@@ -118,7 +118,8 @@ class ALPConfig(GRPOConfig):
         default=True, metadata={"help": "Train sigma with the RL loss (True) or keep it at its initial value."}
     )
     perturb_lr: float = field(
-        default=1e-2, metadata={"help": "Learning rate of the sigma parameters (own optimizer group, no weight decay)."}
+        default=1e-2,
+        metadata={"help": "Learning rate of the sigma parameters (own optimizer group, no weight decay)."},
     )
     perturb_sigma_shape: str = field(
         default="scalar",

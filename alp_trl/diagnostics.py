@@ -15,8 +15,10 @@ def ratio_statistics(log_ratio: torch.Tensor, mask: torch.Tensor) -> dict[str, t
     values = log_ratio.detach().float()[mask.bool().expand_as(log_ratio)]
     if values.numel() == 0:
         zero = torch.zeros((), device=log_ratio.device)
-        return {k: zero for k in ("ratio_p50", "ratio_p99", "ratio_max", "ratio_min", "log_ratio_abs_max", "kl_k3",
-                                  "kl_k1")}
+        return {
+            k: zero
+            for k in ("ratio_p50", "ratio_p99", "ratio_max", "ratio_min", "log_ratio_abs_max", "kl_k3", "kl_k1")
+        }
     ratio = values.exp()
     quantiles = torch.quantile(ratio, torch.tensor([0.5, 0.99], device=ratio.device))
     return {

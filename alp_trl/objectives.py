@@ -53,6 +53,24 @@ def importance_log_ratio(
     raise ValueError(f"Unknown importance sampling level {level!r}; allowed values are ['token', 'sequence'].")
 
 
+def kl_correction_weight(
+    logps: torch.Tensor,
+    denom_logps: torch.Tensor,
+    mask: torch.Tensor,
+    level: str = "token",
+    aggregation: str = "mean",
+    clamp: float = 20.0,
+) -> torch.Tensor:
+    """
+    Importance weight of the KL-to-reference term (TRL's `use_bias_correction_kl`): the token ratio `(B, T)`, or at
+    sequence level the sequence ratio `(B, 1)` with its full gradient (as TRL broadcasts it onto the per-token KL).
+    """
+    token_lr = logps - denom_logps.detach()
+    if level == "sequence":
+        return torch.exp(sequence_log_ratio(token_lr, mask, aggregation).clamp(-clamp, clamp))
+    return torch.exp(token_lr.clamp(-clamp, clamp))
+
+
 @dataclass
 class SurrogateOutput:
     """Per-token loss of the clipped surrogate and where each clip was active (boolean `(B, T)` tensors)."""
@@ -166,4 +184,6 @@ def aggregate_loss(
         return masked.sum() / num_items
     if loss_type == "luspo":
         return masked.sum(-1).mean()
-    raise ValueError(f"Unknown loss type {loss_type!r}; allowed values are ['grpo', 'bnpo', 'dr_grpo', 'dapo', 'luspo'].")
+    raise ValueError(
+        f"Unknown loss type {loss_type!r}; allowed values are ['grpo', 'bnpo', 'dr_grpo', 'dapo', 'luspo']."
+    )

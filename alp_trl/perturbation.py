@@ -217,8 +217,13 @@ class LayerwisePerturbation(nn.Module):
         if final:
             backbone = model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else model
             module._handles.append(backbone.register_forward_hook(module._make_output_hook(len(indices))))
-        logger.info("ALP perturbation attached to %s (%d layers at `%s`): layers %s", type(model).__name__,
-                    num_layers, path, layer_ids)
+        logger.info(
+            "ALP perturbation attached to %s (%d layers at `%s`): layers %s",
+            type(model).__name__,
+            num_layers,
+            path,
+            layer_ids,
+        )
         return module
 
     def detach(self) -> None:
@@ -342,7 +347,9 @@ class LayerwisePerturbation(nn.Module):
     def save(self, directory: str) -> None:
         """Write `alp_perturbation.safetensors` (log_sigma) and `alp_perturbation.json` into `directory`."""
         os.makedirs(directory, exist_ok=True)
-        save_file({"log_sigma": self.log_sigma.detach().float().cpu().contiguous()}, os.path.join(directory, SIDE_FILE))
+        save_file(
+            {"log_sigma": self.log_sigma.detach().float().cpu().contiguous()}, os.path.join(directory, SIDE_FILE)
+        )
         with open(os.path.join(directory, SIDE_CONFIG_FILE), "w") as f:
             json.dump(self.describe(), f, indent=2)
 
@@ -353,8 +360,10 @@ class LayerwisePerturbation(nn.Module):
             return False
         log_sigma = load_file(path)["log_sigma"]
         if log_sigma.shape != self.log_sigma.shape:
-            raise ValueError(f"{path} holds log_sigma of shape {tuple(log_sigma.shape)}, expected "
-                             f"{tuple(self.log_sigma.shape)} (different perturb_layers / perturb_sigma_shape?).")
+            raise ValueError(
+                f"{path} holds log_sigma of shape {tuple(log_sigma.shape)}, expected "
+                f"{tuple(self.log_sigma.shape)} (different perturb_layers / perturb_sigma_shape?)."
+            )
         with torch.no_grad():
             self.log_sigma.copy_(log_sigma.to(self.log_sigma.device, self.log_sigma.dtype))
         return True

@@ -28,7 +28,7 @@ _CORPUS = [
 ]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tokenizer_json(vocab_size: int) -> str:
     tokenizer = Tokenizer(models.BPE(unk_token=None))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -63,8 +63,17 @@ def tiny_config(arch: str, vocab_size: int, num_layers: int = 3, hidden_size: in
     """A small config of the given architecture (`ARCHITECTURES`)."""
     if arch == "gpt2":
         return AutoConfig.for_model(
-            "gpt2", vocab_size=vocab_size, n_embd=hidden_size, n_layer=num_layers, n_head=4, n_positions=512,
-            bos_token_id=2, eos_token_id=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+            "gpt2",
+            vocab_size=vocab_size,
+            n_embd=hidden_size,
+            n_layer=num_layers,
+            n_head=4,
+            n_positions=512,
+            bos_token_id=2,
+            eos_token_id=2,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
         )
     common = dict(
         vocab_size=vocab_size,
@@ -83,8 +92,9 @@ def tiny_config(arch: str, vocab_size: int, num_layers: int = 3, hidden_size: in
     return AutoConfig.for_model(arch, **common)
 
 
-def build_tiny_causal_lm(arch: str = "qwen2", vocab_size: int | None = None, num_layers: int = 3,
-                         hidden_size: int = 32, seed: int = 0):
+def build_tiny_causal_lm(
+    arch: str = "qwen2", vocab_size: int | None = None, num_layers: int = 3, hidden_size: int = 32, seed: int = 0
+):
     """A randomly initialised causal LM of architecture `arch` (float32, no dropout), reproducible by `seed`."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"`arch` got {arch!r}; allowed values are {list(ARCHITECTURES)}.")

@@ -24,8 +24,8 @@ from .objectives import (
     aggregate_loss,
     clipped_surrogate,
     importance_log_ratio,
+    kl_correction_weight,
     low_variance_kl,
-    masked_mean,
     rollout_correction_weight,
 )
 from .perturbation import MODULE_NAME, LayerwisePerturbation
@@ -258,7 +258,9 @@ class ALPGRPOTrainer(GRPOTrainer):
         if self.beta != 0.0:
             per_token_kl = low_variance_kl(per_token_logps, inputs["ref_per_token_logps"])
             if args.use_bias_correction_kl:
-                per_token_kl = per_token_kl * surrogate.ratio
+                per_token_kl = per_token_kl * kl_correction_weight(
+                    per_token_logps, denominator, mask, level, args.sequence_ratio_aggregation, args.log_ratio_clamp
+                )
             per_token_loss = per_token_loss + self.beta * per_token_kl
 
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
@@ -351,8 +353,9 @@ class ALPGRPOTrainer(GRPOTrainer):
         with self.perturbation.unregistered():
             super()._load_from_checkpoint(resume_from_checkpoint, model)
         if not self.perturbation.load(resume_from_checkpoint):
-            logger.warning("No %s in %s: sigma starts from perturb_sigma_init.", "ALP side file",
-                           resume_from_checkpoint)
+            logger.warning(
+                "No %s in %s: sigma starts from perturb_sigma_init.", "ALP side file", resume_from_checkpoint
+            )
 
     def create_model_card(self, *args, **kwargs):
         super().create_model_card(*args, **kwargs)

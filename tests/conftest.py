@@ -1,0 +1,79 @@
+import copy
+import os
+
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_DISABLED", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+
+from alp_trl.testing_utils import build_tiny_causal_lm, build_tiny_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def _base_models(tokenizer):
+    return {arch: build_tiny_causal_lm(arch, vocab_size=len(tokenizer)) for arch in ("qwen2", "llama")}
+
+
+@pytest.fixture
+def make_model(_base_models):
+    """A fresh copy of a tiny random model (same weights every time for a given architecture)."""
+
+    def make(arch: str = "qwen2"):
+        return copy.deepcopy(_base_models[arch])
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def saved_model_dir(tmp_path_factory, _base_models, tokenizer):
+    """The tiny Qwen2 model saved to disk, for code paths that load by name (e.g. a separate reference model)."""
+    path = tmp_path_factory.mktemp("tiny-qwen2")
+    _base_models["qwen2"].save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def prompt_dataset():
+    prompts = [[{"role": "user", "content": f"What is {i} + {i + 1}?"}] for i in range(32)]
+    return Dataset.from_dict({"prompt": prompts})
+
+
+def diversity_reward(completions, **kwargs):
+    """A deterministic reward with spread inside each group: number of distinct characters of the completion."""
+    texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
+    return [len(set(t)) / 10.0 for t in texts]
+
+
+@pytest.fixture
+def train_args(tmp_path):
+    """Keyword arguments of a tiny, fast CPU run."""
+    return dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=8,
+        max_steps=2,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,  # fp32 on CPU: exact comparisons, and faster than CPU bf16 autocast
+        seed=0,
+    )
+
+
+def named_params(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}

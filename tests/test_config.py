@@ -1,0 +1,73 @@
+"""ALPConfig: defaults, parsing of the layer spec, and validation errors that name the field."""
+
+import pytest
+
+from alp_trl import ALPConfig
+
+
+def make(tmp_path, **kwargs):
+    kwargs.setdefault("report_to", "none")
+    return ALPConfig(output_dir=str(tmp_path), use_cpu=True, **kwargs)
+
+
+def test_defaults_follow_the_paper(tmp_path):
+    config = make(tmp_path)
+    assert config.off_policy_correction == "alp"
+    assert config.perturb_layers == "all"
+    assert config.perturb_sigma_init == 0.02 and config.perturb_lr == 1e-2
+    assert config.perturb_sigma_learnable and config.perturb_sigma_shape == "scalar"
+    assert config.dual_clip_c == 10.0 and config.log_ratio_clamp == 20.0 and config.mis_threshold == 3.0
+    assert config.sequence_ratio_aggregation == "mean"
+    assert config.uses_perturbation and config.uses_rollout_logps
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("off_policy_correction", "ppo", r"off_policy_correction.*\['alp', 'bypass'"),
+        ("perturb_layers", "bottom", r"perturb_layers.*'all', 'early'"),
+        ("perturb_layers", [], r"perturb_layers"),
+        ("perturb_layers", [0, "a"], r"perturb_layers"),
+        ("perturb_sigma_init", -0.1, r"perturb_sigma_init.*>= 0"),
+        ("perturb_sigma_init", float("nan"), r"perturb_sigma_init"),
+        ("perturb_sigma_shape", "vector", r"perturb_sigma_shape.*\['scalar', 'channel'\]"),
+        ("perturb_noise_scale", "relative", r"perturb_noise_scale.*\['absolute', 'rms'\]"),
+        ("perturb_lr", 0.0, r"perturb_lr"),
+        ("sequence_ratio_aggregation", "max", r"sequence_ratio_aggregation.*\['mean', 'sum'\]"),
+        ("dual_clip_c", 1.0, r"dual_clip_c.*> 1"),
+        ("dual_clip_c", 0.5, r"dual_clip_c"),
+        ("log_ratio_clamp", 0.0, r"log_ratio_clamp"),
+        ("mis_threshold", 1.0, r"mis_threshold"),
+        ("loss_type", "cispo", r"loss_type.*not supported"),
+        ("top_entropy_quantile", 0.2, r"top_entropy_quantile"),
+        ("entropy_coef", 0.01, r"entropy_coef"),
+    ],
+)
+def test_invalid_values_name_the_field(tmp_path, field, value, message):
+    with pytest.raises(ValueError, match=message):
+        make(tmp_path, **{field: value})
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("all", "all"), ("LATE", "late"), ("0,2", [0, 2]), ("[1, -1]", [1, -1]), ([3], [3]), ("logits", "logits")],
+)
+def test_layer_spec_accepts_names_and_index_lists(tmp_path, value, expected):
+    assert make(tmp_path, perturb_layers=value).perturb_layers == expected
+
+
+def test_trl_vllm_correction_never_stacks(tmp_path):
+    # unset: off for every correction of this package, TRL's default (on) for plain GRPO
+    for correction in ("alp", "bypass", "token_mis", "seq_mis", "tis"):
+        assert make(tmp_path, off_policy_correction=correction).vllm_importance_sampling_correction is False
+    assert make(tmp_path, off_policy_correction="none").vllm_importance_sampling_correction is True
+    # explicitly on together with ALP: refused
+    with pytest.raises(ValueError, match="vllm_importance_sampling_correction.*stack"):
+        make(tmp_path, vllm_importance_sampling_correction=True)
+    assert make(tmp_path, off_policy_correction="none", vllm_importance_sampling_correction=False)
+
+
+def test_perturbation_only_for_alp(tmp_path):
+    assert not make(tmp_path, off_policy_correction="bypass").uses_perturbation
+    assert not make(tmp_path, perturb_layers="none").uses_perturbation
+    assert not make(tmp_path, off_policy_correction="none").uses_rollout_logps

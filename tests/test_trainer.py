@@ -1,0 +1,256 @@
+"""ALPGRPOTrainer against plain GRPOTrainer, and end-to-end training of ALP and the baselines on tiny models."""
+
+import json
+import os
+
+import pytest
+import torch
+from peft import LoraConfig
+from safetensors.torch import load_file
+from trl import GRPOConfig, GRPOTrainer
+
+from alp_trl import ALPConfig, ALPGRPOTrainer
+from alp_trl.perturbation import MODULE_NAME, SIDE_FILE
+
+from .conftest import diversity_reward, named_params
+
+
+def _trainer(cls, config_cls, model, tokenizer, dataset, **kwargs):
+    return cls(
+        model=model,
+        reward_funcs=diversity_reward,
+        args=config_cls(**kwargs),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+
+
+def _alp(model, tokenizer, dataset, **kwargs):
+    return _trainer(ALPGRPOTrainer, ALPConfig, model, tokenizer, dataset, **kwargs)
+
+
+def _fixed_inputs(tokenizer, batch=4, prompt_len=6, completion_len=5):
+    """A hand-made training micro-batch: left-padded prompts, right-padded completions, mixed-sign advantages."""
+    g = torch.Generator().manual_seed(0)
+    vocab = len(tokenizer)
+    prompt_ids = torch.randint(5, vocab, (batch, prompt_len), generator=g)
+    prompt_mask = torch.ones_like(prompt_ids)
+    prompt_ids[0, :2], prompt_mask[0, :2] = tokenizer.pad_token_id, 0
+    completion_ids = torch.randint(5, vocab, (batch, completion_len), generator=g)
+    completion_mask = torch.ones_like(completion_ids)
+    completion_mask[1, 3:], completion_mask[2, 4:] = 0, 0
+    completion_ids[completion_mask == 0] = tokenizer.pad_token_id
+    return {
+        "prompt_ids": prompt_ids,
+        "prompt_mask": prompt_mask,
+        "completion_ids": completion_ids,
+        "completion_mask": completion_mask,
+        "advantages": torch.tensor([1.0, -0.5, 0.3, -1.2]),
+        "num_items_in_batch": completion_mask.sum(),
+    }
+
+
+def _current_logps(trainer, inputs):
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    with torch.no_grad():
+        return trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, inputs["completion_ids"].size(1))[
+            0
+        ]
+
+
+def _loss_and_grads(trainer, inputs):
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.model.zero_grad(set_to_none=True)
+    loss = trainer._compute_loss(trainer.model, inputs)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize(
+    ("loss_type", "beta", "offset"), [("dapo", 0.0, 0.0), ("dapo", 0.0, 0.3), ("grpo", 0.04, 0.3), ("bnpo", 0.0, 0.3)]
+)
+def test_zero_sigma_alp_equals_grpo(
+    saved_model_dir, tokenizer, prompt_dataset, train_args, level, loss_type, beta, offset
+):
+    """sigma = 0 and rollout denominator = GRPO's old policy: identical loss and gradients (tolerance 1e-6)."""
+    common = dict(train_args, importance_sampling_level=level, loss_type=loss_type, beta=beta, epsilon_high=0.28)
+    grpo = _trainer(GRPOTrainer, GRPOConfig, saved_model_dir, tokenizer, prompt_dataset, **common)
+    alp = _alp(
+        saved_model_dir,
+        tokenizer,
+        prompt_dataset,
+        perturb_sigma_init=0.0,
+        perturb_sigma_learnable=False,
+        dual_clip_c=None,
+        **common,
+    )
+    assert alp.perturbation is not None
+    inputs = _fixed_inputs(tokenizer)
+    current = _current_logps(grpo, inputs)
+    # denominator = the current policy (offset 0), or shifted so that ratios differ from 1 and clipping is exercised
+    # (the row bias makes sequence-level ratios of rows 0 (A > 0) and 1 (A < 0) leave the clip range too)
+    row_bias = torch.tensor([[-1.0], [1.0], [-1.0], [1.0]])
+    shift = offset * (torch.sin(torch.arange(current.numel(), dtype=current.dtype)).view_as(current) + row_bias)
+    denominator = current + shift
+    if beta:
+        inputs["ref_per_token_logps"] = current - 0.2 * shift
+    grpo_loss, grpo_grads = _loss_and_grads(grpo, {**inputs, "old_per_token_logps": denominator})
+    alp_loss, alp_grads = _loss_and_grads(alp, {**inputs, "sampling_per_token_logps": denominator})
+    torch.testing.assert_close(alp_loss, grpo_loss, atol=1e-6, rtol=0)
+    assert grpo_grads.keys() == alp_grads.keys() and len(grpo_grads) > 10
+    for name, grad in grpo_grads.items():
+        torch.testing.assert_close(alp_grads[name], grad, atol=1e-6, rtol=0, msg=name)
+    if offset:
+        assert grpo._metrics["train"]["clip_ratio/region_mean"][-1] > 0  # clipping really was exercised
+        if level == "token":  # (at sequence level TRL counts sequences, this package counts tokens)
+            alp_clip = alp._metrics["train"]["clip_ratio/region_mean"][-1]
+            assert alp_clip == pytest.approx(grpo._metrics["train"]["clip_ratio/region_mean"][-1])
+
+
+def test_positive_sigma_changes_log_probs_and_gets_gradient(make_model, tokenizer, prompt_dataset, train_args):
+    trainer = _alp(make_model(), tokenizer, prompt_dataset, perturb_sigma_init=0.1, **train_args)
+    inputs = _fixed_inputs(tokenizer)
+    clean = _current_logps(trainer, inputs)
+    trainer.model.train()
+    with trainer._perturbed("train"):
+        noisy = _current_logps(trainer, inputs)
+    assert (noisy - clean).abs().max() > 1e-3
+    _, grads = _loss_and_grads(trainer, {**inputs, "sampling_per_token_logps": clean})
+    assert grads[f"{MODULE_NAME}.log_sigma"].abs().sum() > 0
+
+
+def test_noise_never_reaches_generation_reference_or_eval(saved_model_dir, tokenizer, prompt_dataset, train_args):
+    trainer = _alp(saved_model_dir, tokenizer, prompt_dataset, perturb_sigma_init=1.0, beta=0.1, **train_args)
+    trainer.model.train()
+    batch = [prompt_dataset[0]] * 4
+    output = trainer._generate_and_score_completions(batch)
+    assert trainer.perturbation.num_noise_calls == 0
+    # the rollout denominator (captured during generate) and the reference log-probs are the clean policy's
+    clean = _current_logps(trainer, output)
+    mask = output["completion_mask"].bool()
+    torch.testing.assert_close(output["sampling_per_token_logps"][mask], clean[mask], atol=1e-4, rtol=0)
+    torch.testing.assert_close(output["ref_per_token_logps"][mask], clean[mask], atol=1e-4, rtol=0)
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.model.eval()
+    with torch.no_grad():
+        trainer._compute_loss(trainer.model, output)
+    assert trainer.perturbation.num_noise_calls == 0, "no noise in eval"
+    trainer.model.train()
+    trainer._compute_loss(trainer.model, output)
+    assert trainer.perturbation.num_noise_calls == 3, "noise on every layer of the training forward"
+
+
+def test_gradient_checkpointing_on_and_off_match(saved_model_dir, tokenizer, prompt_dataset, train_args):
+    grads = {}
+    for gc in (False, True):
+        trainer = _alp(
+            saved_model_dir, tokenizer, prompt_dataset, perturb_sigma_init=0.1, gradient_checkpointing=gc, **train_args
+        )
+        inputs = _fixed_inputs(tokenizer)
+        inputs["sampling_per_token_logps"] = _current_logps(trainer, inputs) - 0.1
+        _, grads[gc] = _loss_and_grads(trainer, inputs)
+    assert f"{MODULE_NAME}.log_sigma" in grads[True]
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_sigma_has_its_own_optimizer_group(make_model, tokenizer, prompt_dataset, train_args):
+    trainer = _alp(make_model(), tokenizer, prompt_dataset, perturb_lr=0.05, weight_decay=0.1, **train_args)
+    optimizer = trainer.create_optimizer()
+    sigma = trainer.perturbation.log_sigma
+    groups = [g for g in optimizer.param_groups if any(p is sigma for p in g["params"])]
+    assert len(groups) == 1 and groups[0]["params"] == [sigma]
+    assert groups[0]["lr"] == 0.05 and groups[0]["weight_decay"] == 0.0
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(trainer.model.parameters()))
+
+
+def test_requires_alp_config(make_model, tokenizer, prompt_dataset, train_args):
+    with pytest.raises(TypeError, match="ALPConfig"):
+        ALPGRPOTrainer(
+            model=make_model(),
+            reward_funcs=diversity_reward,
+            args=GRPOConfig(**train_args),
+            train_dataset=prompt_dataset,
+            processing_class=tokenizer,
+        )
+
+
+def _assert_weights_file_has_no_sigma(directory):
+    for name in ("model.safetensors", "adapter_model.safetensors"):
+        path = os.path.join(directory, name)
+        if os.path.exists(path):
+            assert not any(MODULE_NAME in key for key in load_file(path)), f"sigma leaked into {name}"
+            return
+    raise AssertionError(f"no weights file in {directory}: {os.listdir(directory)}")
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("use_lora", [False, True])
+def test_alp_trains_end_to_end(make_model, tokenizer, prompt_dataset, train_args, arch, level, use_lora):
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]) if use_lora else None
+    args = ALPConfig(**train_args, importance_sampling_level=level, perturb_sigma_init=0.05, perturb_lr=0.05)
+    trainer = ALPGRPOTrainer(
+        model=make_model(arch),
+        reward_funcs=diversity_reward,
+        args=args,
+        train_dataset=prompt_dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+    before = named_params(trainer.model)
+    sigma_before = trainer.perturbation.sigma.clone()
+    trainer.train()
+    after = named_params(trainer.model)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert not torch.equal(trainer.perturbation.sigma, sigma_before), "learnable sigma must move"
+    if use_lora:
+        assert changed and all("lora_" in n or MODULE_NAME in n for n in changed), "only LoRA and sigma train"
+    else:
+        assert len(changed) == len(before), "every weight and sigma train"
+    logged = trainer.state.log_history[0]
+    for key in ("alp/sigma_mean", "alp/ratio/p99", "alp/log_ratio_abs_max", "alp/train_rollout_kl", "alp/clip_frac"):
+        assert key in logged and logged[key] == logged[key], key  # present and not NaN
+    out = os.path.join(train_args["output_dir"], "final")
+    trainer.save_model(out)
+    _assert_weights_file_has_no_sigma(out)
+    with open(os.path.join(out, "alp_perturbation.json")) as f:
+        saved = json.load(f)
+    assert saved["sigma_per_layer"]["0"] == pytest.approx(trainer.perturbation.sigma_per_layer()[0])
+    assert os.path.exists(os.path.join(out, SIDE_FILE))
+    assert hasattr(trainer.model, MODULE_NAME), "the perturbation is back in place after saving"
+
+
+def test_frozen_sigma_does_not_move_but_weights_do(make_model, tokenizer, prompt_dataset, train_args):
+    trainer = _alp(
+        make_model(), tokenizer, prompt_dataset, perturb_sigma_init=0.05, perturb_sigma_learnable=False, **train_args
+    )
+    before = named_params(trainer.model)
+    sigma_before = trainer.perturbation.sigma.clone()
+    trainer.train()
+    assert torch.equal(trainer.perturbation.sigma, sigma_before)
+    after = named_params(trainer.model)
+    assert all(not torch.equal(before[n], after[n]) for n in before if MODULE_NAME not in n)
+
+
+@pytest.mark.parametrize("correction", ["bypass", "token_mis", "seq_mis", "tis", "none"])
+def test_baselines_train_without_perturbation(make_model, tokenizer, prompt_dataset, train_args, correction):
+    trainer = _alp(make_model(), tokenizer, prompt_dataset, off_policy_correction=correction, **train_args)
+    assert trainer.perturbation is None and not hasattr(trainer.model, MODULE_NAME)
+    before = named_params(trainer.model)
+    trainer.train()
+    after = named_params(trainer.model)
+    assert all(not torch.equal(before[n], after[n]) for n in before)
+    logged = trainer.state.log_history[0]
+    if correction == "none":
+        assert "alp/ratio/p99" not in logged
+    else:
+        assert "alp/ratio/p99" in logged
+    if correction in ("token_mis", "seq_mis"):
+        assert "alp/mis_masked_frac" in logged
+    if correction == "tis":
+        assert "alp/tis_truncated_frac" in logged
