@@ -1,0 +1,37 @@
+# alp_trl developer commands. Everything runs inside a local virtual environment ($(VENV)), offline for the Hub.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install test test-fast quality style clean
+
+# torch first (the local CPU wheel), so that no dependency pulls a multi-GB CUDA build.
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+test: install
+	$(PY) -m pytest tests -q --durations=10
+
+test-fast: install
+	$(PY) -m pytest tests -q -m "not slow"
+
+quality: install
+	$(VENV)/bin/ruff check alp_trl tests
+	$(VENV)/bin/ruff format --check alp_trl tests
+
+style: install
+	$(VENV)/bin/ruff format alp_trl tests
+	$(VENV)/bin/ruff check --fix alp_trl tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
