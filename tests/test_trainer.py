@@ -254,3 +254,41 @@ def test_baselines_train_without_perturbation(make_model, tokenizer, prompt_data
         assert "alp/mis_masked_frac" in logged
     if correction == "tis":
         assert "alp/tis_truncated_frac" in logged
+
+
+def test_warns_when_sampling_is_truncated(make_model, tokenizer, prompt_dataset, train_args, caplog):
+    with caplog.at_level("WARNING", logger="alp_trl.trainer"):
+        _alp(make_model(), tokenizer, prompt_dataset, top_p=0.9, top_k=20, **train_args)
+    assert "top_p=0.9" in caplog.text and "top_k=20" in caplog.text and "biased" in caplog.text
+
+
+def test_lora_with_gradient_checkpointing_trains_sigma(make_model, tokenizer, prompt_dataset, train_args):
+    args = ALPConfig(**train_args, gradient_checkpointing=True, perturb_sigma_init=0.05, perturb_lr=0.05)
+    trainer = ALPGRPOTrainer(
+        model=make_model("llama"),
+        reward_funcs=diversity_reward,
+        args=args,
+        train_dataset=prompt_dataset,
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+    )
+    sigma_before = trainer.perturbation.sigma.clone()
+    trainer.train()
+    assert not torch.equal(trainer.perturbation.sigma, sigma_before)
+
+
+def test_checkpoint_holds_sigma_beside_the_weights_and_resume_restores_it(
+    make_model, tokenizer, prompt_dataset, train_args
+):
+    kwargs = dict(train_args, save_strategy="steps", save_steps=2, perturb_lr=0.05)
+    trainer = _alp(make_model(), tokenizer, prompt_dataset, **kwargs)
+    trainer.train()
+    checkpoint = os.path.join(train_args["output_dir"], "checkpoint-2")
+    assert os.path.exists(os.path.join(checkpoint, SIDE_FILE))
+    _assert_weights_file_has_no_sigma(checkpoint)
+    trained_sigma = trainer.perturbation.sigma.clone()
+    # a new run resumed from the checkpoint starts from the checkpoint's sigma (not perturb_sigma_init)
+    resumed = _alp(make_model(), tokenizer, prompt_dataset, **dict(kwargs, max_steps=2))
+    assert not torch.allclose(resumed.perturbation.sigma, trained_sigma)
+    resumed.train(resume_from_checkpoint=checkpoint)
+    torch.testing.assert_close(resumed.perturbation.sigma, trained_sigma)
