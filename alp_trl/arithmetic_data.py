@@ -1,0 +1,98 @@
+"""The repository's own arithmetic data set, for the offline demo and tests (`builtin:arithmetic`).
+
+Regenerate the shipped files with:
+
+    python -m alp_trl.arithmetic_data --out alp_trl/assets/arithmetic
+
+Every answer is computed from the problem, then checked twice: by evaluating the expression with a separate
+evaluator (Python's `ast`), and by math-verify, which must accept `\\boxed{answer}` against the gold answer.
+"""
+
+import argparse
+import ast
+import json
+import operator
+import random
+from pathlib import Path
+
+
+# level -> (operators, operand range). Chosen so that a 135M model answers some but not all (mixed group outcomes).
+LEVELS = {
+    "easy": (("+",), (1, 9)),
+    "medium": (("+", "-"), (10, 49)),
+    "hard": (("+", "-", "*"), (2, 99)),
+}
+TEMPLATES = ("What is {expr}?", "Compute {expr}.", "Calculate {expr}.")
+_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
+
+
+def evaluate(expr: str) -> int:
+    """Evaluate an integer expression of + - * with Python's parser (not `eval`)."""
+
+    def walk(node):
+        if isinstance(node, ast.Expression):
+            return walk(node.body)
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+            return _OPS[type(node.op)](walk(node.left), walk(node.right))
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        raise ValueError(f"unsupported expression {expr!r}")
+
+    return walk(ast.parse(expr, mode="eval"))
+
+
+def make_problem(rng: random.Random, level: str) -> dict:
+    ops, (low, high) = LEVELS[level]
+    op = rng.choice(ops)
+    a, b = rng.randint(low, high), rng.randint(low, high)
+    if op == "-" and b > a:
+        a, b = b, a  # keep answers non-negative
+    if op == "*":
+        b = rng.randint(2, 9)
+    expr = f"{a} {op} {b}"
+    answer = {"+": a + b, "-": a - b, "*": a * b}[op]
+    return {"problem": rng.choice(TEMPLATES).format(expr=expr), "answer": str(answer), "level": level, "expr": expr}
+
+
+def verify_row(row: dict) -> None:
+    """Raise if the gold answer is not the value of the expression, or if math-verify would not accept it."""
+    from math_verify import parse, verify
+
+    value = evaluate(row["expr"])
+    if str(value) != row["answer"]:
+        raise AssertionError(f"{row['expr']} = {value}, not {row['answer']}")
+    gold = parse(f"${row['answer']}$")
+    if not verify(gold, parse(f"The answer is \\boxed{{{value}}}.")):
+        raise AssertionError(f"math-verify rejects the gold answer of {row}")
+
+
+def generate(num_rows: int, seed: int, mix: dict[str, float]) -> list[dict]:
+    rng = random.Random(seed)
+    levels, weights = zip(*mix.items())
+    rows = []
+    for index in range(num_rows):
+        row = make_problem(rng, rng.choices(levels, weights)[0])
+        verify_row(row)
+        rows.append({"id": f"arith-{seed}-{index:05d}", **row})
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "assets" / "arithmetic"))
+    parser.add_argument("--train-rows", type=int, default=2000)
+    parser.add_argument("--test-rows", type=int, default=200)
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    mix = {"easy": 0.5, "medium": 0.35, "hard": 0.15}
+    for split, rows, seed in (("train", args.train_rows, 0), ("test", args.test_rows, 1)):
+        data = generate(rows, seed, mix)
+        with open(out / f"{split}.jsonl", "w") as f:
+            for row in data:
+                f.write(json.dumps(row) + "\n")
+        print(f"wrote {len(data)} verified problems to {out / f'{split}.jsonl'}")
+
+
+if __name__ == "__main__":
+    main()

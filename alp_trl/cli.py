@@ -1,0 +1,33 @@
+"""`alp-trl` command line: `alp-trl train|plot ...` (each subcommand has its own `--help`)."""
+
+import sys
+
+
+COMMANDS = {
+    "train": (
+        "alp_trl.train",
+        "train with a recipe: alp-trl train --config recipes/.../config.yaml [--field value ...]",
+    ),
+    "plot": ("alp_trl.plots", "draw training curves of a run: alp-trl plot OUTPUT_DIR"),
+}
+
+
+def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        lines = [f"  {name:<8} {help_text}" for name, (_, help_text) in COMMANDS.items()]
+        message = "usage: alp-trl {" + ",".join(COMMANDS) + "} ...\n\ncommands:\n" + "\n".join(lines)
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"alp-trl: unknown command {argv[0]!r}\n\n{message}", file=sys.stderr)
+            sys.exit(2)
+        print(message)
+        return
+    import importlib
+
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    sys.argv = [f"alp-trl {argv[0]}", *argv[1:]]
+    module.main(argv[1:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Training curves from a run's logged history: `alp-trl plot OUTPUT_DIR` (PNG files)."""
+
+import argparse
+import glob
+import json
+import os
+import re
+
+from .callbacks import METRICS_FILE
+
+
+def load_history(output_dir: str) -> list[dict]:
+    """Logged training records of a run: `metrics.jsonl`, else the newest checkpoint's `trainer_state.json`."""
+    path = os.path.join(output_dir, METRICS_FILE)
+    if os.path.exists(path):
+        with open(path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+    candidates = [os.path.join(output_dir, "trainer_state.json")]
+    checkpoints = glob.glob(os.path.join(output_dir, "checkpoint-*", "trainer_state.json"))
+    candidates += sorted(checkpoints, key=lambda p: int(re.search(r"checkpoint-(\d+)", p).group(1)), reverse=True)
+    for candidate in candidates:
+        if os.path.exists(candidate):
+            with open(candidate) as f:
+                return json.load(f)["log_history"]
+    raise FileNotFoundError(f"No {METRICS_FILE} or trainer_state.json found under {output_dir!r}.")
+
+
+def _series(history: list[dict], key: str) -> tuple[list[int], list[float]]:
+    steps, values = [], []
+    for record in history:
+        value = record.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            steps.append(record.get("step", len(steps)))
+            values.append(float(value))
+    return steps, values
+
+
+# panel title -> (metric keys, log scale)
+PANELS = {
+    "reward": (["reward"], False),
+    "train vs rollout KL (k3)": (["alp/train_rollout_kl"], True),
+    "token ratio tail (train / rollout)": (["alp/ratio/p50", "alp/ratio/p99", "alp/ratio/max"], True),
+    "clip fraction": (["alp/clip_frac", "alp/dual_clip_frac", "clip_ratio/region_mean"], False),
+    "entropy": (["entropy"], False),
+    "sigma per layer": ([], True),  # filled with alp/sigma/layer_XX
+}
+
+
+def plot_training_curves(history: list[dict], out_dir: str, title: str | None = None) -> list[str]:
+    """Draw the paper's training diagnostics into `out_dir/training_curves.png`; returns the written paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in history if not any(k.startswith("eval_") for k in r) and "train_runtime" not in r]
+    reward_keys = sorted({k for r in train for k in r if k.startswith("rewards/") and k.endswith("/mean")})
+    sigma_keys = sorted({k for r in train for k in r if k.startswith("alp/sigma/layer_")})
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8), constrained_layout=True)
+    for ax, (name, (keys, log_scale)) in zip(axes.flat, PANELS.items()):
+        keys = keys + reward_keys if name == "reward" else keys
+        keys = sigma_keys if name == "sigma per layer" else keys
+        drawn = 0
+        for key in keys:
+            steps, values = _series(train, key)
+            if not steps:
+                continue
+            label = key.removeprefix("alp/sigma/").removeprefix("alp/").removeprefix("rewards/")
+            ax.plot(
+                steps,
+                values,
+                marker="." if len(steps) < 50 else None,
+                label=label,
+                lw=1 if name == "sigma per layer" else 1.5,
+            )
+            drawn += 1
+        if drawn and log_scale and all(v > 0 for k in keys for v in _series(train, k)[1]):
+            ax.set_yscale("log")
+        if not drawn:
+            ax.text(0.5, 0.5, "not logged in this run", ha="center", va="center", transform=ax.transAxes)
+        elif name != "sigma per layer" or drawn <= 12:
+            ax.legend(fontsize=7)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "training_curves.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="alp-trl plot", description="Draw training curves of an alp_trl run.")
+    parser.add_argument("output_dir", help="the run's output_dir (holds metrics.jsonl or checkpoints)")
+    parser.add_argument("--out", default=None, help="where to write the PNG files (default: OUTPUT_DIR/plots)")
+    args = parser.parse_args(argv)
+    history = load_history(args.output_dir)
+    paths = plot_training_curves(
+        history,
+        args.out or os.path.join(args.output_dir, "plots"),
+        title=os.path.basename(os.path.normpath(args.output_dir)),
+    )
+    for path in paths:
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,277 @@
+"""Training entry point: a recipe YAML (plus command-line overrides) -> model, data, rewards -> ALPGRPOTrainer.
+
+    accelerate launch --config_file accelerate_configs/cpu.yaml -m alp_trl.train --config recipes/X/alp/config.yaml
+    alp-trl train --config recipes/X/alp/config.yaml --max_steps 10 --perturb_sigma_init 0.05
+
+Every field of `ScriptArguments` below, of `ALPConfig` (all of `GRPOConfig` and the ALP fields) and of TRL's
+`ModelConfig` can be set in the recipe or on the command line (the command line wins). An unknown key or a bad value is
+an error that names it, raised before any model is loaded.
+"""
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+
+from trl import ModelConfig, ScriptArguments, TrlParser
+
+from .config import ALPConfig
+from .data import ANSWER_FORMATS
+
+
+logger = logging.getLogger("alp_trl.train")
+
+
+@dataclass
+class ALPScriptArguments(ScriptArguments):
+    """Data, prompt and reward settings of a training run (on top of TRL's `ScriptArguments`)."""
+
+    dataset_data_files: str | None = field(
+        default=None,
+        metadata={"help": "Only these files of the data set repository (e.g. 'train/math__combined_54.4k.parquet')."},
+    )
+    problem_column: str = field(
+        default="problem",
+        metadata={"help": "Column holding the problem: text, or chat messages (the last user message is used)."},
+    )
+    answer_column: str = field(
+        default="answer",
+        metadata={
+            "help": "Column holding the gold answer; a dotted name reads a nested field (reward_model.ground_truth)."
+        },
+    )
+    answer_format: str = field(
+        default="auto",
+        metadata={
+            "help": "How to read the gold answer: 'raw', 'gsm8k' (text after '####'), 'boxed' (last \\boxed{}), or "
+            "'auto' (either, when present).",
+            "choices": list(ANSWER_FORMATS),
+        },
+    )
+    prompt_template: str = field(
+        default="{problem}\nPut your final answer within \\boxed{}.",
+        metadata={"help": "User message; '{problem}' is replaced by the problem text."},
+    )
+    system_prompt: str | None = field(default=None, metadata={"help": "Optional system message."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N evaluation rows."})
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["accuracy", "format"],
+        metadata={"help": "Reward functions by name (see alp_trl.rewards): accuracy, format, length."},
+    )
+    format_tag: str = field(
+        default="boxed",
+        metadata={"help": "`format` reward: 'boxed' for \\boxed{...}, or a tag name for <tag>...</tag>."},
+    )
+    length_target_chars: int = field(default=400, metadata={"help": "`length` reward: characters before penalty."})
+    reward_timeout: int = field(default=5, metadata={"help": "Seconds math-verify may spend grading one completion."})
+    auto_resume: bool = field(
+        default=True,
+        metadata={"help": "Resume from the newest checkpoint in output_dir when resume_from_checkpoint is unset."},
+    )
+    plot: bool = field(default=True, metadata={"help": "Write training-curve PNGs into output_dir/plots at the end."})
+
+    def __post_init__(self):
+        from .rewards import REWARD_REGISTRY
+
+        if isinstance(self.reward_funcs, str):
+            self.reward_funcs = [name.strip() for name in self.reward_funcs.split(",") if name.strip()]
+        unknown = [name for name in self.reward_funcs if name not in REWARD_REGISTRY]
+        if unknown or not self.reward_funcs:
+            raise ValueError(
+                f"`reward_funcs` got {self.reward_funcs!r}; allowed values are {sorted(REWARD_REGISTRY)} (at least one)."
+            )
+        if self.dataset_name is None:
+            raise ValueError("`dataset_name` is required: a Hub data set, a local file, or builtin:arithmetic.")
+        if "{problem}" not in self.prompt_template:
+            raise ValueError(f"`prompt_template` must contain '{{problem}}', got {self.prompt_template!r}.")
+
+
+def make_parser() -> TrlParser:
+    return TrlParser((ALPScriptArguments, ALPConfig, ModelConfig))
+
+
+def unknown_recipe_keys(parser: TrlParser, recipe_path: str) -> list[str]:
+    """Keys of a recipe YAML that no dataclass of the parser has (checked before any value is validated)."""
+    import yaml
+
+    with open(recipe_path) as f:
+        recipe = yaml.safe_load(f) or {}
+    if not isinstance(recipe, dict):
+        parser.error(f"The recipe {recipe_path} must be a YAML mapping of field: value.")
+    known = {action.dest for action in parser._actions} | {"env"}
+    return sorted(key for key in recipe if key not in known)
+
+
+def parse_args(argv=None) -> tuple[ALPScriptArguments, ALPConfig, ModelConfig]:
+    """Parse a recipe and overrides; a bad key or value exits with status 2 and a message naming it."""
+    parser = make_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--config" in argv and argv.index("--config") + 1 < len(argv):
+        recipe = argv[argv.index("--config") + 1]
+        if not os.path.exists(recipe):
+            parser.error(f"The recipe {recipe} does not exist.")
+        unknown = unknown_recipe_keys(parser, recipe)
+        if unknown:
+            parser.error(
+                f"Unknown keys in the recipe {recipe}: {unknown}. Check their spelling against "
+                "`python -m alp_trl.train --help`."
+            )
+    try:
+        script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
+    except ValueError as error:
+        parser.error(str(error))
+    if model_args.model_name_or_path is None:
+        parser.error("`model_name_or_path` is required (a Hub id, a local path, or embedded:smollm2-135m-instruct).")
+    if len(training_args.reward_weights or []) not in (0, len(script_args.reward_funcs)):
+        parser.error(
+            f"`reward_weights` has {len(training_args.reward_weights)} values for {len(script_args.reward_funcs)} "
+            f"`reward_funcs` {script_args.reward_funcs}."
+        )
+    return script_args, training_args, model_args
+
+
+def load_datasets(script_args: ALPScriptArguments, training_args: ALPConfig, conversational: bool):
+    from .data import build_prompts, load_split
+
+    def prepared(split: str, limit: int | None):
+        raw = load_split(script_args.dataset_name, script_args.dataset_config, split, script_args.dataset_data_files)
+        if limit is not None:
+            raw = raw.select(range(min(limit, len(raw))))
+        return build_prompts(
+            raw,
+            script_args.problem_column,
+            script_args.answer_column,
+            script_args.prompt_template,
+            script_args.system_prompt,
+            script_args.answer_format,
+            conversational=conversational,
+            source=f"{script_args.dataset_name} ({split})",
+        )
+
+    train = prepared(script_args.dataset_train_split, script_args.max_train_samples)
+    evaluate = training_args.eval_strategy != "no"
+    eval_dataset = prepared(script_args.dataset_test_split, script_args.max_eval_samples) if evaluate else None
+    return train, eval_dataset
+
+
+def load_tokenizer(model_args: ModelConfig, training_args: ALPConfig):
+    from transformers import AutoTokenizer
+
+    from .models import resolve_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        resolve_model_path(model_args.model_name_or_path),
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(model_args: ModelConfig, training_args: ALPConfig):
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl import get_quantization_config
+
+    from .models import resolve_model_path
+
+    dtype = model_args.dtype if model_args.dtype in ("auto", None) else getattr(torch, model_args.dtype)
+    quantization_config = get_quantization_config(model_args)
+    return AutoModelForCausalLM.from_pretrained(
+        resolve_model_path(model_args.model_name_or_path),
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+        dtype=dtype,
+        quantization_config=quantization_config,
+        device_map=None if quantization_config is None else {"": training_args.local_process_index},
+    )
+
+
+def last_checkpoint(output_dir: str) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+
+
+def main(argv=None) -> None:
+    script_args, training_args, model_args = parse_args(argv)
+
+    import datasets
+    import transformers
+    from transformers import set_seed
+    from trl import get_peft_config
+
+    from .callbacks import MetricsJsonlCallback
+    from .rewards import get_reward_funcs
+    from .trainer import ALPGRPOTrainer
+
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.INFO,
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    log_level = training_args.get_process_log_level()
+    logger.setLevel(log_level)
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    set_seed(training_args.seed)
+
+    # Data and rewards come before the model: a missing column or file fails in seconds, not after loading weights.
+    reward_funcs = get_reward_funcs(
+        script_args.reward_funcs,
+        format_tag=script_args.format_tag,
+        length_target_chars=script_args.length_target_chars,
+        reward_timeout=script_args.reward_timeout,
+    )
+    tokenizer = load_tokenizer(model_args, training_args)
+    train_dataset, eval_dataset = load_datasets(script_args, training_args, tokenizer.chat_template is not None)
+    logger.info("Training on %d prompts from %s", len(train_dataset), script_args.dataset_name)
+    model = load_model(model_args, training_args)
+
+    trainer = ALPGRPOTrainer(
+        model=model,
+        reward_funcs=reward_funcs,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+        callbacks=[MetricsJsonlCallback()],
+    )
+
+    checkpoint = training_args.resume_from_checkpoint
+    if checkpoint is None and script_args.auto_resume:
+        checkpoint = last_checkpoint(training_args.output_dir)
+        if checkpoint is not None:
+            logger.info("Resuming from the newest checkpoint in output_dir: %s", checkpoint)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.log_metrics("train", result.metrics)
+    trainer.save_metrics("train", result.metrics)
+    trainer.save_state()
+    trainer.save_model(training_args.output_dir)
+    logger.info("Model saved to %s", training_args.output_dir)
+
+    if trainer.accelerator.is_main_process:
+        trainer.create_model_card(dataset_name=script_args.dataset_name, tags=["alp-trl"])
+        if script_args.plot:
+            from .plots import load_history, plot_training_curves
+
+            for path in plot_training_curves(
+                load_history(training_args.output_dir),
+                os.path.join(training_args.output_dir, "plots"),
+                title=os.path.basename(training_args.output_dir),
+            ):
+                logger.info("Plot written to %s", path)
+    if training_args.do_eval and eval_dataset is not None:
+        metrics = trainer.evaluate()
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name, tags=["alp-trl"])
+
+
+if __name__ == "__main__":
+    main()

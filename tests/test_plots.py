@@ -1,0 +1,72 @@
+"""Training curves and the metrics log that feeds them."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from alp_trl.callbacks import METRICS_FILE, MetricsJsonlCallback
+from alp_trl.cli import main as cli_main
+from alp_trl.plots import load_history, plot_training_curves
+
+
+def _history(steps=5):
+    return [
+        {
+            "step": s,
+            "reward": 0.1 * s,
+            "rewards/accuracy/mean": 0.05 * s,
+            "alp/train_rollout_kl": 0.01 / s,
+            "alp/ratio/p50": 1.0,
+            "alp/ratio/p99": 1.0 + 0.1 * s,
+            "alp/ratio/max": 2.0,
+            "alp/clip_frac": 0.02,
+            "entropy": 2.0 - 0.1 * s,
+            "alp/sigma/layer_00": 0.02,
+            "alp/sigma/layer_01": 0.02 + 0.001 * s,
+        }
+        for s in range(1, steps + 1)
+    ]
+
+
+def test_plot_writes_a_png(tmp_path):
+    paths = plot_training_curves(_history(), str(tmp_path), title="run")
+    assert len(paths) == 1
+    with open(paths[0], "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def _state(step, zero=True):
+    return SimpleNamespace(global_step=step, epoch=step / 10, is_world_process_zero=zero)
+
+
+def test_metrics_log_is_appended_as_it_goes_and_trimmed_on_resume(tmp_path):
+    args = SimpleNamespace(output_dir=str(tmp_path))
+    callback = MetricsJsonlCallback()
+    callback.on_train_begin(args, _state(0), None)
+    for step in (1, 2, 3):
+        callback.on_log(args, _state(step), None, logs={"reward": float(step), "bad": float("nan")})
+    callback.on_log(args, _state(4, zero=False), None, logs={"reward": 4.0})  # other ranks write nothing
+    assert [r["step"] for r in load_history(str(tmp_path))] == [1, 2, 3]
+    assert load_history(str(tmp_path))[0]["bad"] is None
+    callback.on_train_begin(args, _state(2), None)  # resumed from checkpoint-2: steps after it are dropped
+    assert [r["step"] for r in load_history(str(tmp_path))] == [1, 2]
+
+
+def test_history_falls_back_to_the_newest_checkpoint(tmp_path):
+    for step in (2, 10):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "trainer_state.json").write_text(json.dumps({"log_history": _history(step)}))
+    assert len(load_history(str(tmp_path))) == 10
+    with pytest.raises(FileNotFoundError, match=METRICS_FILE):
+        load_history(str(tmp_path / "nothing"))
+
+
+def test_cli_plot_command(tmp_path, capsys):
+    (tmp_path / METRICS_FILE).write_text("\n".join(json.dumps(r) for r in _history()))
+    cli_main(["plot", str(tmp_path)])
+    assert (tmp_path / "plots" / "training_curves.png").exists()
+    assert "training_curves.png" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli_main(["fly"])

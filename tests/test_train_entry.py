@@ -1,0 +1,182 @@
+"""The training entry point: recipes parse, bad keys and values are named, end-to-end runs through accelerate."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from alp_trl import ALPConfig
+from alp_trl.train import ALPScriptArguments, make_parser, parse_args
+
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = sorted(glob.glob(str(REPO / "recipes" / "**" / "*.yaml"), recursive=True))
+ACCELERATE_CONFIGS = sorted(glob.glob(str(REPO / "accelerate_configs" / "*.yaml")))
+
+
+def test_there_are_recipes_for_the_paper_and_the_demo():
+    names = {Path(p).relative_to(REPO / "recipes").as_posix() for p in RECIPES}
+    for expected in (
+        "SmolLM2-135M-Instruct/alp/config_demo.yaml",
+        "Qwen2.5-Math-1.5B/alp/config_token_alp.yaml",
+        "Qwen2.5-Math-1.5B/alp/config_seq_alp.yaml",
+        "Qwen2.5-Math-1.5B/alp/config_seq_alp_lora.yaml",
+        "Qwen2.5-Math-1.5B/grpo/config_grpo.yaml",
+        "Qwen2.5-Math-1.5B/bypass/config_seq_bypass.yaml",
+        "Qwen2.5-Math-1.5B/mis/config_token_mis.yaml",
+        "Qwen2.5-Math-1.5B/mis/config_seq_mis.yaml",
+        "Qwen2.5-0.5B-Instruct/alp/config_gsm8k.yaml",
+    ):
+        assert expected in names
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: Path(p).relative_to(REPO / "recipes").as_posix())
+def test_every_recipe_parses_into_the_config_classes(recipe):
+    with open(recipe) as f:
+        raw = yaml.safe_load(f)
+    # GPU recipes ask for bf16, which TrainingArguments refuses on a CPU-only machine: validate them on the CPU.
+    script_args, training_args, model_args = make_parser().parse_args_and_config(
+        args=["--config", recipe, "--use_cpu", "true"]
+    )
+    assert isinstance(script_args, ALPScriptArguments) and isinstance(training_args, ALPConfig)
+    assert model_args.model_name_or_path == raw["model_name_or_path"]
+    assert training_args.off_policy_correction == raw.get("off_policy_correction", "alp")
+    assert training_args.output_dir.endswith(Path(raw["output_dir"]).name)
+    for key, value in raw.items():  # every key of the recipe landed in one of the three dataclasses
+        holders = [a for a in (script_args, training_args, model_args) if hasattr(a, key)]
+        assert holders, key
+        if key in ("perturb_layers", "lora_target_modules", "report_to"):
+            continue  # normalised on parsing
+        if not isinstance(value, (dict, list)):
+            assert getattr(holders[0], key) == value or str(getattr(holders[0], key)) == str(value), key
+
+
+def test_unknown_recipe_key_is_an_error_naming_it(tmp_path, capsys):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("model_name_or_path: x\ndataset_name: builtin:arithmetic\nperturb_sigmaa: 0.1\n")
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--config", str(recipe)])
+    assert exit_info.value.code == 2
+    assert "perturb_sigmaa" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        (["--perturb_layers", "bottom"], "perturb_layers"),
+        (["--off_policy_correction", "ppo"], "off_policy_correction"),
+        (["--perturb_sigma_init", "-1"], "perturb_sigma_init"),
+        (["--reward_funcs", "accuracy", "bleu"], "reward_funcs"),
+        (["--not_a_field", "3"], "not_a_field"),
+    ],
+)
+def test_bad_command_line_value_is_an_error_naming_the_field(override, named, capsys):
+    recipe = REPO / "recipes" / "SmolLM2-135M-Instruct" / "alp" / "config_demo.yaml"
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--config", str(recipe), *override])
+    assert exit_info.value.code != 0
+    assert named in capsys.readouterr().err
+
+
+def test_command_line_overrides_the_recipe():
+    recipe = REPO / "recipes" / "SmolLM2-135M-Instruct" / "alp" / "config_demo.yaml"
+    script_args, training_args, _ = parse_args(
+        ["--config", str(recipe), "--perturb_sigma_init", "0.05", "--perturb_layers", "0,3", "--max_steps", "3"]
+    )
+    assert training_args.perturb_sigma_init == 0.05 and training_args.perturb_layers == [0, 3]
+    assert training_args.max_steps == 3 and script_args.dataset_name == "builtin:arithmetic"
+
+
+@pytest.mark.parametrize("config", ACCELERATE_CONFIGS, ids=lambda p: Path(p).name)
+def test_accelerate_configs_are_valid_yaml_with_a_distributed_type(config):
+    with open(config) as f:
+        data = yaml.safe_load(f)
+    assert data["distributed_type"] in ("NO", "MULTI_GPU", "DEEPSPEED", "FSDP", "MULTI_CPU")
+    assert data["num_processes"] >= 1
+
+
+@pytest.fixture(scope="module")
+def tiny_run_assets(tmp_path_factory, _base_models, tokenizer):
+    root = tmp_path_factory.mktemp("entry")
+    model_dir = root / "tiny-qwen2"
+    _base_models["qwen2"].save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    data = root / "problems.jsonl"
+    with open(data, "w") as f:
+        for i in range(16):
+            f.write(json.dumps({"question": f"What is {i} + 2?", "solution": f"#### {i + 2}"}) + "\n")
+    return model_dir, data
+
+
+def _run_entry(tmp_path, model_dir, data, extra: dict):
+    recipe = {
+        "model_name_or_path": str(model_dir),
+        "dataset_name": str(data),
+        "problem_column": "question",
+        "answer_column": "solution",
+        "reward_funcs": ["accuracy", "format", "length"],
+        "length_target_chars": 10,
+        "output_dir": str(tmp_path / "run"),
+        "per_device_train_batch_size": 4,
+        "num_generations": 4,
+        "max_completion_length": 8,
+        "max_steps": 2,
+        "save_strategy": "steps",
+        "save_steps": 1,
+        "logging_steps": 1,
+        "report_to": "none",
+        "bf16": False,
+        "use_cpu": True,
+        "perturb_sigma_init": 0.05,
+        **extra,
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "accelerate_configs" / "cpu.yaml"),
+        "-m",
+        "alp_trl.train",
+        "--config",
+        str(path),
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return tmp_path / "run"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("use_peft", [False, True])
+def test_entry_point_trains_end_to_end_through_accelerate(tmp_path, tiny_run_assets, use_peft):
+    model_dir, data = tiny_run_assets
+    extra = (
+        {"use_peft": True, "lora_r": 4, "lora_alpha": 8, "lora_target_modules": ["q_proj", "v_proj"]}
+        if use_peft
+        else {}
+    )
+    out = _run_entry(tmp_path, model_dir, data, extra)
+    weights = "adapter_model.safetensors" if use_peft else "model.safetensors"
+    for name in (
+        weights,
+        "alp_perturbation.safetensors",
+        "alp_perturbation.json",
+        "metrics.jsonl",
+        "plots/training_curves.png",
+        "README.md",
+        "checkpoint-2/alp_perturbation.safetensors",
+    ):
+        assert (out / name).exists(), name
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "alp/sigma_mean" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    assert "rewards/accuracy/mean" in steps[0] and "rewards/length/mean" in steps[0]
+    assert "ALP settings" in (out / "README.md").read_text()
