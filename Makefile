@@ -10,7 +10,9 @@ export TOKENIZERS_PARALLELISM := false
 DEMO_RECIPE ?= recipes/SmolLM2-135M-Instruct/alp/config_demo.yaml
 DEMO_OUTPUT ?= outputs/SmolLM2-135M-Instruct-ALP-demo
 
-.PHONY: install demo test test-fast quality style clean
+COMPARE_STEPS ?= 12
+
+.PHONY: install demo compare test test-fast quality style clean
 
 # torch first (the local CPU wheel), so that no dependency pulls a multi-GB CUDA build.
 install: $(VENV)/.installed
@@ -28,6 +30,11 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(VENV)/bin/accelerate launch --config_file accelerate_configs/cpu.yaml -m alp_trl.train \
 		--config $(DEMO_RECIPE) --output_dir $(DEMO_OUTPUT)
+
+# ALP vs Bypass vs Token-MIS vs GRPO on the demo model, bf16-weight rollout engine, same seeds (CPU, ~10-15 min).
+compare: install
+	$(PY) -m alp_trl.compare --recipe $(DEMO_RECIPE) --out outputs/compare --max-steps $(COMPARE_STEPS) -- \
+		--per_device_train_batch_size 8 --steps_per_generation 2 --max_completion_length 48
 
 test: install
 	$(PY) -m pytest tests -q --durations=10

@@ -9,6 +9,11 @@ COMMANDS = {
         "train with a recipe: alp-trl train --config recipes/.../config.yaml [--field value ...]",
     ),
     "plot": ("alp_trl.plots", "draw training curves of a run: alp-trl plot OUTPUT_DIR"),
+    "diagnose": (
+        "alp_trl.diagnose",
+        "importance-ratio envelope with/without perturbation: alp-trl diagnose MODEL_DIR",
+    ),
+    "compare": ("alp_trl.compare", "ALP vs baselines under one simulated mismatch: alp-trl compare [--max-steps N]"),
 }
 
 

@@ -18,6 +18,7 @@ SEQUENCE_RATIO_AGGREGATIONS = ("mean", "sum")
 # Loss types whose surrogate is the PPO-clipped ratio; the others (cispo, sapo, vespo) shape the ratio differently
 # and are only available through plain GRPO (`off_policy_correction="none"`).
 CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+MISMATCH_KINDS = ("none", "bf16", "fp16", "logit_noise", "hidden_noise")
 
 
 def parse_layer_spec(value, field_name: str = "perturb_layers") -> str | list[int]:
@@ -91,6 +92,13 @@ class ALPConfig(GRPOConfig):
             Log-ratios are clamped to `[-log_ratio_clamp, log_ratio_clamp]` before the exponential.
         mis_threshold (`float`, *optional*, defaults to `3.0`):
             `C` of the MIS / TIS baselines: weights outside `[1/C, C]` are masked (MIS) or truncated at `C` (TIS).
+        rollout_mismatch (`str`, *optional*, defaults to `"none"`):
+            Rollout-mismatch simulator for CPU / transformers generation (see `alp_trl.rollout_mismatch`): sample the
+            completions from a deliberately different copy of the policy, `"bf16"` / `"fp16"` (weights rounded),
+            `"logit_noise"` or `"hidden_noise"` (Gaussian noise of std `rollout_mismatch_std`), and use its log-probs
+            as the rollout log-probs. The measured mismatch is logged under `rollout_mismatch/*`.
+        rollout_mismatch_std (`float`, *optional*, defaults to `0.0`):
+            Noise std of the `*_noise` kinds.
         vllm_importance_sampling_correction (`bool` or `None`, *optional*, defaults to `None`):
             TRL's own vLLM importance-sampling correction. `None` means: on for `off_policy_correction="none"`, off
             otherwise, because ALP and the baselines replace it. Setting it to `True` together with another correction
@@ -157,6 +165,17 @@ class ALPConfig(GRPOConfig):
         default=3.0,
         metadata={"help": "C of the MIS/TIS baselines: weights outside [1/C, C] are masked (MIS) or truncated (TIS)."},
     )
+    rollout_mismatch: str = field(
+        default="none",
+        metadata={
+            "help": "Simulate a train-inference mismatch without vLLM: sample from the policy with weights rounded "
+            "('bf16', 'fp16') or with Gaussian noise on its logits / hidden states ('logit_noise', 'hidden_noise').",
+            "choices": list(MISMATCH_KINDS),
+        },
+    )
+    rollout_mismatch_std: float = field(
+        default=0.0, metadata={"help": "Noise std of rollout_mismatch='logit_noise' / 'hidden_noise' (> 0)."}
+    )
     vllm_importance_sampling_correction: bool | None = field(
         default=None,
         metadata={
@@ -185,6 +204,17 @@ class ALPConfig(GRPOConfig):
         _check_choice("perturb_noise_scale", self.perturb_noise_scale, NOISE_SCALES)
         _check_choice("sequence_ratio_aggregation", self.sequence_ratio_aggregation, SEQUENCE_RATIO_AGGREGATIONS)
         self.perturb_layers = parse_layer_spec(self.perturb_layers)
+        _check_choice("rollout_mismatch", self.rollout_mismatch, MISMATCH_KINDS)
+        if self.rollout_mismatch.endswith("_noise") and not self.rollout_mismatch_std > 0:
+            raise ValueError(
+                f"`rollout_mismatch={self.rollout_mismatch!r}` needs `rollout_mismatch_std` > 0, got "
+                f"{self.rollout_mismatch_std}."
+            )
+        if self.rollout_mismatch != "none" and self.use_vllm:
+            raise ValueError(
+                "`rollout_mismatch` simulates an inference engine for transformers generation; with `use_vllm=True` "
+                "the mismatch is real. Set rollout_mismatch='none' or use_vllm=False."
+            )
 
         if not isinstance(self.perturb_sigma_init, (int, float)) or not math.isfinite(self.perturb_sigma_init):
             raise ValueError(f"`perturb_sigma_init` must be a finite number >= 0, got {self.perturb_sigma_init!r}.")

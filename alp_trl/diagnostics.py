@@ -30,3 +30,54 @@ def ratio_statistics(log_ratio: torch.Tensor, mask: torch.Tensor) -> dict[str, t
         "kl_k3": (ratio - 1 - values).mean(),
         "kl_k1": (-values).mean(),
     }
+
+
+@torch.no_grad()
+def mismatch_statistics(train_logps: torch.Tensor, rollout_logps: torch.Tensor, mask: torch.Tensor) -> dict:
+    """
+    How far the rollout (inference) policy is from the unperturbed training policy on the rollout tokens.
+
+    Returns 0-dim tensors: `logp_abs_diff_mean`, `logp_abs_diff_max` (|log pi_train - log pi_rollout| per token),
+    `prob_abs_diff_max` (largest |pi_train - pi_rollout| of a sampled token) and `kl_k3` (KL(rollout || train)).
+    NaN rollout log-probs are left out.
+    """
+    diff = train_logps.detach().float() - rollout_logps.float()
+    keep = mask.bool() & ~torch.isnan(diff)
+    diff = diff[keep]
+    if diff.numel() == 0:
+        zero = torch.zeros((), device=train_logps.device)
+        return {k: zero for k in ("logp_abs_diff_mean", "logp_abs_diff_max", "prob_abs_diff_max", "kl_k3")}
+    prob_diff = (train_logps.detach().float().exp() - rollout_logps.float().exp())[keep]
+    return {
+        "logp_abs_diff_mean": diff.abs().mean(),
+        "logp_abs_diff_max": diff.abs().max(),
+        "prob_abs_diff_max": prob_diff.abs().max(),
+        "kl_k3": (diff.exp() - 1 - diff).mean(),
+    }
+
+
+def binned_log_ratio_envelope(
+    log_ratio: torch.Tensor,
+    rollout_logps: torch.Tensor,
+    mask: torch.Tensor,
+    bins: list[float] | None = None,
+    quantiles: tuple[float, ...] = (0.01, 0.05, 0.5, 0.95, 0.99),
+) -> list[dict]:
+    """
+    The paper's quantile envelope: tokens binned by their rollout probability, and per bin the quantiles of the
+    log-ratio (training vs rollout policy). Returns one dict per non-empty bin: `lo`, `hi`, `count`, and `q<p>`.
+    """
+    bins = bins or [0.0, 1e-3, 1e-2, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 0.9, 0.99, 1.0 + 1e-9]
+    keep = mask.bool() & ~torch.isnan(rollout_logps) & ~torch.isnan(log_ratio)
+    probs = rollout_logps[keep].float().exp()
+    values = log_ratio[keep].float()
+    rows = []
+    for lo, hi in zip(bins[:-1], bins[1:]):
+        selected = values[(probs >= lo) & (probs < hi)]
+        if selected.numel() == 0:
+            continue
+        qs = torch.quantile(selected, torch.tensor(quantiles, dtype=selected.dtype))
+        row = {"lo": lo, "hi": min(hi, 1.0), "count": int(selected.numel())}
+        row.update({f"q{round(q * 100):02d}": float(v) for q, v in zip(quantiles, qs)})
+        rows.append(row)
+    return rows

@@ -19,7 +19,7 @@ import torch
 from trl import GRPOTrainer
 
 from .config import ALPConfig
-from .diagnostics import ratio_statistics
+from .diagnostics import mismatch_statistics, ratio_statistics
 from .objectives import (
     aggregate_loss,
     clipped_surrogate,
@@ -30,6 +30,7 @@ from .objectives import (
 )
 from .perturbation import MODULE_NAME, LayerwisePerturbation
 from .rollout_logprobs import capture_generation_logprobs
+from .rollout_mismatch import simulated_sampler
 
 
 logger = logging.getLogger(__name__)
@@ -132,15 +133,24 @@ class ALPGRPOTrainer(GRPOTrainer):
             )
 
     # ------------------------------------------------------------------------------------------------ generation
+    @property
+    def _records_rollout_logps(self) -> bool:
+        return self.args.uses_rollout_logps or self.args.rollout_mismatch != "none"
+
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
-        if self.use_vllm or self.use_transformers_continuous_batching or not self.args.uses_rollout_logps:
+        if self.use_vllm or self.use_transformers_continuous_batching or not self._records_rollout_logps:
             return super()._generate_single_turn(
                 prompt_ids, images, multimodal_fields, num_generations, has_tool_images=has_tool_images
             )
-        # Plain transformers generation: record the log-probs of the sampled tokens while `generate` runs.
+        # Plain transformers generation: record the log-probs of the sampled tokens while `generate` runs, from the
+        # policy itself or from the simulated inference engine (`rollout_mismatch`).
         policy = self.accelerator.unwrap_model(self.model)
         causal_lm = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
-        with capture_generation_logprobs(causal_lm, temperature=self.temperature) as recorder:
+        args = self.args
+        with (
+            simulated_sampler(policy, args.rollout_mismatch, args.rollout_mismatch_std, args.seed, self._step),
+            capture_generation_logprobs(causal_lm, temperature=self.temperature) as recorder,
+        ):
             completion_ids, _ = super()._generate_single_turn(
                 prompt_ids, images, multimodal_fields, num_generations, has_tool_images=has_tool_images
             )
@@ -148,23 +158,33 @@ class ALPGRPOTrainer(GRPOTrainer):
 
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
-        if not self.args.uses_rollout_logps:
+        if not self._records_rollout_logps:
             return output
         mask = output["completion_mask"]
         if "tool_mask" in output:
             mask = mask * output["tool_mask"]
-        if "sampling_per_token_logps" not in output:
-            output["sampling_per_token_logps"] = self._recompute_rollout_logps(output)
-        rollout = output["sampling_per_token_logps"]
         mode = "train" if self.model.training else "eval"
+        if "sampling_per_token_logps" not in output:
+            self._warn_missing_rollout_logps()
+            output["sampling_per_token_logps"] = self._clean_policy_logps(output)
+        rollout = output["sampling_per_token_logps"]
         nan_count = (torch.isnan(rollout) & mask.bool()).sum().float()
         totals = self.accelerator.reduce(torch.stack([nan_count, mask.sum().float()]), reduction="sum")
         self._metrics[mode]["alp/rollout_logp_nan_frac"].append((totals[0] / totals[1].clamp(min=1.0)).item())
+        if self.args.rollout_mismatch != "none":
+            # The simulated engine's distance from the clean policy (what vLLM's mismatch would be on a GPU).
+            clean = output.get("old_per_token_logps")
+            clean = self._clean_policy_logps(output) if clean is None else clean
+            stats = mismatch_statistics(clean, rollout, mask)
+            keys = ("logp_abs_diff_mean", "logp_abs_diff_max", "prob_abs_diff_max", "kl_k3")
+            gathered = self.accelerator.gather(torch.stack([stats[k] for k in keys]).unsqueeze(0)).view(-1, 4)
+            for column, key in enumerate(keys):
+                values = gathered[:, column]
+                value = values.max() if key.endswith("_max") else values.mean()
+                self._metrics[mode][f"rollout_mismatch/{key}"].append(value.item())
         return output
 
-    @torch.no_grad()
-    def _recompute_rollout_logps(self, output) -> torch.Tensor:
-        """Fallback when the generation backend returned no log-probs: one noise-free forward of the policy."""
+    def _warn_missing_rollout_logps(self) -> None:
         if not self._warned_missing_rollout_logps:
             logger.warning(
                 "The generation backend returned no sampling log-probs; off_policy_correction=%r uses the log-probs "
@@ -173,6 +193,10 @@ class ALPGRPOTrainer(GRPOTrainer):
                 self.args.off_policy_correction,
             )
             self._warned_missing_rollout_logps = True
+
+    @torch.no_grad()
+    def _clean_policy_logps(self, output) -> torch.Tensor:
+        """Log-probs of the completions under the current, unperturbed policy (one no-grad forward pass)."""
         input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
         attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
         logps, _, _ = self._get_per_token_logps_and_entropies(

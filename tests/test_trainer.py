@@ -292,3 +292,37 @@ def test_checkpoint_holds_sigma_beside_the_weights_and_resume_restores_it(
     assert not torch.allclose(resumed.perturbation.sigma, trained_sigma)
     resumed.train(resume_from_checkpoint=checkpoint)
     torch.testing.assert_close(resumed.perturbation.sigma, trained_sigma)
+
+
+@pytest.mark.parametrize("correction", ["token_mis", "seq_mis", "tis", "bypass"])
+def test_baseline_losses_are_wired_to_the_objectives(make_model, tokenizer, prompt_dataset, train_args, correction):
+    """The trainer's loss for each baseline equals the pure objective functions applied by hand."""
+    from alp_trl.objectives import aggregate_loss, clipped_surrogate, importance_log_ratio, rollout_correction_weight
+
+    trainer = _alp(
+        make_model(),
+        tokenizer,
+        prompt_dataset,
+        off_policy_correction=correction,
+        loss_type="bnpo",
+        mis_threshold=1.2,
+        **train_args,
+    )
+    inputs = _fixed_inputs(tokenizer)
+    current = _current_logps(trainer, inputs)
+    steps = torch.arange(current.numel(), dtype=current.dtype).view_as(current)
+    old = current + 0.05 * torch.cos(steps)
+    rollout = current + 0.25 * torch.sin(steps)
+    loss, _ = _loss_and_grads(trainer, {**inputs, "old_per_token_logps": old, "sampling_per_token_logps": rollout})
+    mask, adv = inputs["completion_mask"], inputs["advantages"].unsqueeze(1)
+    if correction == "bypass":
+        log_ratio, weight = importance_log_ratio(current, rollout, mask), 1.0
+    else:
+        level = "sequence" if correction == "seq_mis" else "token"
+        mode = "truncate" if correction == "tis" else "mask"
+        log_ratio = importance_log_ratio(current, old, mask)
+        weight = rollout_correction_weight(old, rollout, mask, level, 1.2, mode)
+        if correction == "token_mis":
+            assert 0 < (weight == 0).float().mean() < 1  # MIS masks some tokens, not all
+    per_token = clipped_surrogate(log_ratio, adv, 0.2, 0.2, dual_clip_c=10.0).per_token_loss * weight
+    torch.testing.assert_close(loss, aggregate_loss(per_token, mask, "bnpo"), atol=1e-6, rtol=0)

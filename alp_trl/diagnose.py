@@ -1,0 +1,373 @@
+"""`alp-trl diagnose`: the paper's one-step intervention on the importance ratio, from one checkpoint.
+
+From one checkpoint and one batch of rollouts sampled from the inference policy (the checkpoint itself, or a simulated
+inference engine with `--rollout-mismatch`, bf16 weights by default), it measures the per-token log-ratio
+log pi_train(y) - log pi_rollout(y):
+
+- at the checkpoint: the training policy as it is, and with ALP's layerwise perturbation on (the checkpoint's own
+  sigma from `alp_perturbation.safetensors`, or `--sigma`);
+- after ONE policy update on these rollouts (the intervention, `--update-lr`), made once with the Bypass objective
+  (ratio policy / rollout, no noise) and once with the ALP objective (perturbed policy / rollout), both from the same
+  weights: the ratio each objective uses next.
+
+Tokens are binned by their rollout probability, and each bin's log-ratio quantiles (p1, p5, p50, p95, p99) form the
+envelope the paper plots. Writes `diagnose.json` and `diagnose.png` and prints a summary table.
+
+    alp-trl diagnose outputs/SmolLM2-135M-Instruct-ALP-demo --rollout-mismatch bf16 --num-prompts 16
+"""
+
+import argparse
+import json
+import os
+import time
+from contextlib import nullcontext
+
+import torch
+
+
+def load_policy(path: str, dtype: torch.dtype = torch.float32):
+    """A model or a PEFT adapter folder (or Hub id / `embedded:` name) and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .models import resolve_model_path
+
+    path = resolve_model_path(path)
+    if os.path.exists(os.path.join(path, "adapter_config.json")):
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer
+
+
+def attach_checkpoint_perturbation(model, path: str, sigma: float | None, layers: str, noise_scale: str, seed: int):
+    """The checkpoint's own perturbation (side file) or one with a fixed `sigma`; returns it and where sigma came from."""
+    from .perturbation import SIDE_CONFIG_FILE, LayerwisePerturbation
+
+    side_config = os.path.join(path, SIDE_CONFIG_FILE)
+    if sigma is None and os.path.exists(side_config):
+        with open(side_config) as f:
+            saved = json.load(f)
+        final_only = saved["layer_ids"] == [model.config.num_hidden_layers]
+        perturbation = LayerwisePerturbation.attach(
+            model,
+            layers="logits" if final_only else saved["layer_ids"],
+            sigma_shape=saved["sigma_shape"],
+            noise_scale=saved["noise_scale"],
+            learnable=False,
+            seed=seed,
+        )
+        perturbation.load(path)
+        return perturbation, f"checkpoint ({SIDE_CONFIG_FILE})"
+    perturbation = LayerwisePerturbation.attach(
+        model,
+        layers=layers,
+        sigma_init=0.02 if sigma is None else sigma,
+        noise_scale=noise_scale,
+        learnable=False,
+        seed=seed,
+    )
+    return perturbation, f"fixed sigma={perturbation.sigma.flatten()[0].item():g}"
+
+
+@torch.no_grad()
+def completion_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float):
+    """Per-token log-probs (temperature-scaled, like the trainer's) of the completion tokens, `(B, T)`."""
+    ids = torch.cat([prompt_ids, completion_ids], 1)
+    mask = torch.cat([prompt_mask, completion_mask], 1)
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, prompt_ids.size(1) - 1 : -1].float()
+    return torch.log_softmax(logits / temperature, -1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+
+
+@torch.no_grad()
+def sample_rollouts(
+    model,
+    tokenizer,
+    prompts: list,
+    num_generations: int,
+    max_new_tokens: int,
+    temperature: float,
+    mismatch: str,
+    mismatch_std: float,
+    seed: int,
+    batch_size: int,
+):
+    """Sample completions from the (simulated) inference policy; returns padded tensors and its log-probs."""
+    from transformers import GenerationConfig
+
+    from .rollout_logprobs import capture_generation_logprobs
+    from .rollout_mismatch import simulated_sampler
+
+    config = GenerationConfig(
+        do_sample=True,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=1.0,
+        top_k=0,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    texts = [
+        p if isinstance(p, str) else tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+        for p in prompts
+        for _ in range(num_generations)
+    ]
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    batches = []
+    for start in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+        torch.manual_seed(seed + start)
+        with (
+            simulated_sampler(model, mismatch, mismatch_std, seed, start),
+            capture_generation_logprobs(causal_lm, temperature) as recorder,
+        ):
+            out = model.generate(**enc, generation_config=config)
+        completion = out[:, enc.input_ids.size(1) :]
+        is_eos = completion == tokenizer.eos_token_id
+        lengths = torch.where(
+            is_eos.any(1),
+            is_eos.int().argmax(1) + 1,
+            torch.full_like(is_eos[:, 0], completion.size(1), dtype=torch.long),
+        )
+        completion_mask = (torch.arange(completion.size(1)).unsqueeze(0) < lengths.unsqueeze(1)).long()
+        rollout = recorder.logprobs_for([row[:n].tolist() for row, n in zip(completion, lengths.tolist())])
+        rollout_logps = torch.zeros(completion.shape)
+        for row, values in enumerate(rollout):
+            rollout_logps[row, : len(values)] = torch.tensor(values)
+        batches.append((enc.input_ids, enc.attention_mask, completion, completion_mask, rollout_logps))
+    return batches
+
+
+def plot_envelopes(panels: dict[str, dict[str, list[dict]]], path: str, title: str) -> None:
+    """One axis per panel; in each, the p1-p99 / p5-p95 bands and the median of every envelope, vs probability."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5), constrained_layout=True, squeeze=False)
+    colors = ["tab:blue", "tab:orange", "tab:green", "tab:red"]
+    for ax, (panel, envelopes) in zip(axes[0], panels.items()):
+        for color, (name, rows) in zip(colors, envelopes.items()):
+            if not rows:
+                continue
+            centers = [max((r["lo"] + r["hi"]) / 2, 1e-4) for r in rows]
+            ax.fill_between(centers, [r["q01"] for r in rows], [r["q99"] for r in rows], alpha=0.12, color=color)
+            ax.fill_between(
+                centers,
+                [r["q05"] for r in rows],
+                [r["q95"] for r in rows],
+                alpha=0.3,
+                color=color,
+                label=f"{name}: p5-p95 (light: p1-p99)",
+            )
+            ax.plot(centers, [r["q50"] for r in rows], color=color, marker="o", ms=3, label=f"{name}: median")
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel("rollout probability of the token")
+        ax.set_ylabel("log pi_train(y) - log pi_rollout(y)")
+        ax.set_title(panel)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _logps_with_grad(model, batch, temperature):
+    prompt_ids, prompt_mask, completion, completion_mask, _ = batch
+    ids = torch.cat([prompt_ids, completion], 1)
+    mask = torch.cat([prompt_mask, completion_mask], 1)
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, prompt_ids.size(1) - 1 : -1].float()
+    return torch.log_softmax(logits / temperature, -1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)
+
+
+def one_update(model, perturbation, batches, advantages, lr: float, temperature: float, perturbed: bool) -> None:
+    """One AdamW step on the Bypass (`perturbed=False`) or ALP objective over all rollouts (token-mean, clip 0.2/0.28,
+    dual clip 10), like one training step of `ALPGRPOTrainer` with `loss_type="dapo"`."""
+    from .objectives import aggregate_loss, clipped_surrogate, importance_log_ratio
+
+    params = [p for n, p in model.named_parameters() if "alp_perturbation" not in n]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    model.train()
+    total_tokens = sum(int(b[3].sum()) for b in batches)
+    for step, (batch, adv) in enumerate(zip(batches, advantages)):
+        with perturbation.active(step=10_000 + step) if perturbed else nullcontext():
+            logps = _logps_with_grad(model, batch, temperature)
+        mask, rollout = batch[3], batch[4]
+        log_ratio = importance_log_ratio(logps, rollout, mask, "token", clamp=20.0)
+        loss = clipped_surrogate(log_ratio, adv.unsqueeze(1), 0.2, 0.28, dual_clip_c=10.0).per_token_loss
+        aggregate_loss(loss, mask, "dapo", num_items=total_tokens).backward()
+    optimizer.step()
+    model.eval()
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(
+        prog="alp-trl diagnose", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("model", help="checkpoint / output folder, PEFT adapter folder, Hub id or embedded: name")
+    parser.add_argument("--dataset", default="builtin:arithmetic")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--problem-column", default="problem")
+    parser.add_argument("--answer-column", default="answer")
+    parser.add_argument("--prompt-template", default="{problem}\nPut your final answer within \\boxed{}.")
+    parser.add_argument("--num-prompts", type=int, default=16)
+    parser.add_argument("--num-generations", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--rollout-mismatch", default="bf16", help="none, bf16, fp16, logit_noise, hidden_noise")
+    parser.add_argument("--rollout-mismatch-std", type=float, default=0.0)
+    parser.add_argument(
+        "--sigma",
+        type=float,
+        default=None,
+        help="fixed sigma of the perturbation (default: the checkpoint's side file, else 0.02)",
+    )
+    parser.add_argument("--perturb-layers", default="all")
+    parser.add_argument("--noise-scale", default="absolute", choices=["absolute", "rms"])
+    parser.add_argument(
+        "--update-lr", type=float, default=1e-5, help="learning rate of the one-step intervention (AdamW); 0 skips it"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="output folder (default: MODEL/diagnose when MODEL is a folder)")
+    args = parser.parse_args(argv)
+
+    from .config import MISMATCH_KINDS
+    from .data import build_prompts, load_split
+    from .diagnostics import binned_log_ratio_envelope, mismatch_statistics, ratio_statistics
+
+    if args.rollout_mismatch not in MISMATCH_KINDS:
+        parser.error(f"--rollout-mismatch got {args.rollout_mismatch!r}; allowed values are {list(MISMATCH_KINDS)}.")
+    out_dir = args.out or (os.path.join(args.model, "diagnose") if os.path.isdir(args.model) else "diagnose")
+    os.makedirs(out_dir, exist_ok=True)
+    start = time.time()
+
+    model, tokenizer = load_policy(args.model)
+    raw = load_split(args.dataset, split=args.split)
+    raw = raw.select(range(min(args.num_prompts, len(raw))))
+    prepared = build_prompts(
+        raw,
+        args.problem_column,
+        args.answer_column,
+        args.prompt_template,
+        conversational=tokenizer.chat_template is not None,
+    )
+    perturbation, sigma_source = attach_checkpoint_perturbation(
+        model, args.model, args.sigma, args.perturb_layers, args.noise_scale, args.seed
+    )
+    batches = sample_rollouts(
+        model,
+        tokenizer,
+        prepared["prompt"],
+        args.num_generations,
+        args.max_new_tokens,
+        args.temperature,
+        args.rollout_mismatch,
+        args.rollout_mismatch_std,
+        args.seed,
+        args.batch_size,
+    )
+    width = max(b[2].size(1) for b in batches)
+    batches = [
+        tuple(torch.nn.functional.pad(t, (0, width - t.size(1))) if i >= 2 else t for i, t in enumerate(b))
+        for b in batches
+    ]
+    mask = torch.cat([b[3] for b in batches])
+    rollout = torch.cat([b[4] for b in batches])
+
+    def policy_logps(perturbed: bool, key: int) -> torch.Tensor:
+        parts = []
+        for step, (prompt_ids, prompt_mask, completion, completion_mask, _) in enumerate(batches):
+            with perturbation.active(step=key + step) if perturbed else nullcontext():
+                parts.append(
+                    completion_logps(model, prompt_ids, prompt_mask, completion, completion_mask, args.temperature)
+                )
+        return torch.cat(parts)
+
+    log_ratios = {}
+    clean = policy_logps(False, 0)
+    log_ratios["checkpoint"] = {"unperturbed": clean - rollout, "perturbed (ALP)": policy_logps(True, 0) - rollout}
+    report = {
+        "model": args.model,
+        "sigma_source": sigma_source,
+        "sigma_per_layer": perturbation.sigma_per_layer(),
+        "rollout_mismatch": args.rollout_mismatch,
+        "rollout_mismatch_std": args.rollout_mismatch_std,
+        "num_sequences": int(mask.size(0)),
+        "num_tokens": int(mask.sum()),
+        "mismatch": {k: float(v) for k, v in mismatch_statistics(clean, rollout, mask).items()},
+    }
+
+    if args.update_lr > 0:
+        from .rewards import completion_text, grade
+
+        texts = tokenizer.batch_decode(
+            torch.cat([b[2] * b[3] + tokenizer.pad_token_id * (1 - b[3]) for b in batches]), skip_special_tokens=True
+        )
+        answers = [a for a in prepared["answer"] for _ in range(args.num_generations)]
+        rewards = torch.tensor([grade(completion_text(t), a)[0] for t, a in zip(texts, answers)])
+        groups = rewards.view(-1, args.num_generations)
+        advantages = ((groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + 1e-4)).flatten()
+        advantages = list(advantages.split([b[2].size(0) for b in batches]))
+        report["reward_mean"] = float(rewards.mean())
+        if float(groups.std(1).max()) == 0.0:
+            print("warning: every group got the same reward, so the advantages are 0 and the update changes nothing;"
+                  " use more prompts or generations.")
+        start_state = {k: v.clone() for k, v in model.state_dict().items()}
+        after = {}
+        for perturbed in (False, True):
+            model.load_state_dict(start_state)
+            torch.manual_seed(args.seed)
+            one_update(model, perturbation, batches, advantages, args.update_lr, args.temperature, perturbed)
+            if perturbed:
+                after["ALP update: perturbed (its ratio)"] = policy_logps(True, 50_000) - rollout
+                after["ALP update: unperturbed"] = policy_logps(False, 0) - rollout
+            else:
+                after["Bypass update (its ratio)"] = policy_logps(False, 0) - rollout
+        model.load_state_dict(start_state)
+        log_ratios["after one update"] = after
+
+    report["summary"], report["envelope"] = {}, {}
+    for panel, ratios in log_ratios.items():
+        report["summary"][panel] = {
+            name: {k: float(v) for k, v in ratio_statistics(lr, mask).items()} for name, lr in ratios.items()
+        }
+        report["envelope"][panel] = {name: binned_log_ratio_envelope(lr, rollout, mask) for name, lr in ratios.items()}
+    report["seconds"] = round(time.time() - start, 1)
+    with open(os.path.join(out_dir, "diagnose.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    plot_envelopes(
+        report["envelope"],
+        os.path.join(out_dir, "diagnose.png"),
+        f"{os.path.basename(os.path.normpath(args.model))}: rollout engine {args.rollout_mismatch}",
+    )
+
+    print(
+        f"{report['num_sequences']} rollouts, {report['num_tokens']} tokens; rollout engine: {args.rollout_mismatch}; "
+        f"sigma: {sigma_source}"
+    )
+    print(
+        f"mismatch of the engine vs the checkpoint: mean |dlogp| {report['mismatch']['logp_abs_diff_mean']:.4f}, "
+        f"max |dp| {report['mismatch']['prob_abs_diff_max']:.3f}"
+    )
+    print(f"{'':<36}{'ratio p50':>10}{'ratio p99':>10}{'ratio max':>10}{'|log r| max':>12}{'KL k3':>10}")
+    for panel, rows in report["summary"].items():
+        for name, stats in rows.items():
+            label = f"{panel}: {name}"
+            print(
+                f"{label:<36}{stats['ratio_p50']:>10.4f}{stats['ratio_p99']:>10.4f}{stats['ratio_max']:>10.3f}"
+                f"{stats['log_ratio_abs_max']:>12.4f}{stats['kl_k3']:>10.5f}"
+            )
+    print(f"wrote {os.path.join(out_dir, 'diagnose.json')} and {os.path.join(out_dir, 'diagnose.png')}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""`alp-trl diagnose` on a tiny checkpoint: envelopes before and after the one-step intervention, files written."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from alp_trl.diagnose import main as diagnose_main
+from alp_trl.diagnostics import binned_log_ratio_envelope, mismatch_statistics, ratio_statistics
+from alp_trl.perturbation import LayerwisePerturbation
+from alp_trl.testing_utils import build_tiny_causal_lm
+
+
+def test_ratio_and_mismatch_statistics_by_hand():
+    log_ratio = torch.tensor([[0.0, 0.5, -0.5, 9.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    stats = ratio_statistics(log_ratio, mask)
+    assert stats["ratio_max"].item() == torch.tensor(0.5).exp().item()  # the masked 9.0 is ignored
+    assert abs(stats["log_ratio_abs_max"].item() - 0.5) < 1e-7
+    expected_k3 = sum(torch.tensor(x).exp().item() - 1 - x for x in (0.0, 0.5, -0.5)) / 3
+    assert abs(stats["kl_k3"].item() - expected_k3) < 1e-6
+    train, rollout = torch.log(torch.tensor([[0.5, 0.9]])), torch.log(torch.tensor([[0.25, 0.9]]))
+    mismatch = mismatch_statistics(train, rollout, torch.ones(1, 2))
+    assert abs(mismatch["prob_abs_diff_max"].item() - 0.25) < 1e-6
+    assert abs(mismatch["logp_abs_diff_max"].item() - torch.log(torch.tensor(2.0)).item()) < 1e-6
+
+
+def test_envelope_bins_tokens_by_rollout_probability():
+    rollout = torch.log(torch.tensor([[0.005, 0.006, 0.5, 0.55, 0.97]]))
+    log_ratio = torch.tensor([[1.0, 3.0, 0.1, 0.2, 0.0]])
+    rows = binned_log_ratio_envelope(log_ratio, rollout, torch.ones(1, 5), bins=[0.0, 0.01, 0.6, 1.0])
+    assert [(r["lo"], r["hi"], r["count"]) for r in rows] == [(0.0, 0.01, 2), (0.01, 0.6, 2), (0.6, 1.0, 1)]
+    assert rows[0]["q50"] == 2.0 and rows[2]["q99"] == 0.0
+
+
+def test_diagnose_end_to_end_on_a_checkpoint_with_sigma(tmp_path, saved_model_dir, tokenizer, monkeypatch):
+    # a random tiny model never answers right: grade by parity of the length so that groups get mixed rewards
+    import alp_trl.rewards
+
+    monkeypatch.setattr(alp_trl.rewards, "grade", lambda text, answer, *a: (float(len(text) % 2), "ok"))
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(saved_model_dir, checkpoint)
+    model = build_tiny_causal_lm("qwen2", vocab_size=len(tokenizer))
+    perturbation = LayerwisePerturbation.attach(model, [0, 2], sigma_init=0.3)
+    perturbation.save(str(checkpoint))
+    report = diagnose_main(
+        [
+            str(checkpoint),
+            "--num-prompts",
+            "2",
+            "--num-generations",
+            "3",
+            "--max-new-tokens",
+            "6",
+            "--rollout-mismatch",
+            "logit_noise",
+            "--rollout-mismatch-std",
+            "0.5",
+            "--update-lr",
+            "1e-2",
+        ]
+    )
+    out = checkpoint / "diagnose"
+    assert (out / "diagnose.png").exists()
+    saved = json.loads((out / "diagnose.json").read_text())
+    assert saved["sigma_source"].startswith("checkpoint")
+    assert saved["sigma_per_layer"] == {"0": pytest.approx(0.3), "2": pytest.approx(0.3)}
+    assert saved["num_sequences"] == 6 and saved["mismatch"]["logp_abs_diff_mean"] > 0.01
+    checkpoint_rows = report["summary"]["checkpoint"]
+    assert checkpoint_rows["unperturbed"]["kl_k3"] != checkpoint_rows["perturbed (ALP)"]["kl_k3"]
+    after = report["summary"]["after one update"]
+    assert set(after) == {"Bypass update (its ratio)", "ALP update: perturbed (its ratio)", "ALP update: unperturbed"}
+    assert (
+        after["Bypass update (its ratio)"]["kl_k3"] != checkpoint_rows["unperturbed"]["kl_k3"]
+    )  # the update moved it
+    assert all(report["envelope"]["checkpoint"]["unperturbed"])
