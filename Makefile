@@ -12,7 +12,9 @@ DEMO_OUTPUT ?= outputs/SmolLM2-135M-Instruct-ALP-demo
 
 COMPARE_STEPS ?= 12
 
-.PHONY: install demo compare test test-fast quality style clean
+BENCH_MODELS ?= tiny smollm2
+
+.PHONY: install demo compare bench test test-fast quality style clean
 
 # torch first (the local CPU wheel), so that no dependency pulls a multi-GB CUDA build.
 install: $(VENV)/.installed
@@ -35,6 +37,10 @@ demo: install
 compare: install
 	$(PY) -m alp_trl.compare --recipe $(DEMO_RECIPE) --out outputs/compare --max-steps $(COMPARE_STEPS) -- \
 		--per_device_train_batch_size 8 --steps_per_generation 2 --max_completion_length 48
+
+# ALP's cost vs plain GRPOTrainer (ratios, same run); results in docs/benchmarks_cpu.json, table in docs/benchmarks.md.
+bench: install
+	$(PY) benchmarks/bench.py --models $(BENCH_MODELS) --steps 4 --repeats 2 --out docs/benchmarks_cpu.json
 
 test: install
 	$(PY) -m pytest tests -q --durations=10

@@ -318,8 +318,10 @@ def main(argv=None) -> dict:
         advantages = list(advantages.split([b[2].size(0) for b in batches]))
         report["reward_mean"] = float(rewards.mean())
         if float(groups.std(1).max()) == 0.0:
-            print("warning: every group got the same reward, so the advantages are 0 and the update changes nothing;"
-                  " use more prompts or generations.")
+            print(
+                "warning: every group got the same reward, so the advantages are 0 and the update changes nothing;"
+                " use more prompts or generations."
+            )
         start_state = {k: v.clone() for k, v in model.state_dict().items()}
         after = {}
         for perturbed in (False, True):

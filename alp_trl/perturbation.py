@@ -126,6 +126,60 @@ def noise_seed(*parts: int) -> int:
     return state & ((1 << 63) - 1)
 
 
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """A plain, whole tensor from a parameter that FSDP2 (DTensor) or DeepSpeed ZeRO-3 may have partitioned.
+
+    Under ZeRO-3 this gathers the parameter: a collective, so every rank must call it (the trainer does, when it logs).
+    """
+    if hasattr(tensor, "full_tensor"):
+        return tensor.full_tensor()
+    if hasattr(tensor, "ds_id"):  # a ZeRO-3 partitioned parameter
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([tensor]):
+            return tensor.detach().clone()
+    return tensor
+
+
+class _SeededNoise(torch.autograd.Function):
+    """`hidden + sigma * scale * eps` where `eps` is re-drawn from its seed in backward instead of being saved.
+
+    Storing `eps` for sigma's gradient would keep one hidden-state-sized tensor per perturbed layer alive until
+    backward (with gradient checkpointing that doubles the saved activations); re-drawing it costs one more `randn`.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, sigma, scale, generator, seed):
+        eps = _draw(hidden, generator, seed)
+        if scale is not None:
+            eps = eps * scale
+        ctx.generator, ctx.seed = generator, seed
+        ctx.save_for_backward(scale)
+        ctx.hidden_meta = (hidden.shape, hidden.dtype, hidden.device)
+        ctx.sigma_shape = sigma.shape
+        return hidden + sigma.to(hidden.dtype) * eps
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_sigma = None
+        if ctx.needs_input_grad[1]:
+            (scale,) = ctx.saved_tensors
+            eps = _draw(grad_output, ctx.generator, ctx.seed)
+            if scale is not None:
+                eps = eps * scale
+            product = (grad_output * eps).float()
+            if len(ctx.sigma_shape) == 0:
+                grad_sigma = product.sum()
+            else:  # one sigma per channel: sum over every dimension but the last
+                grad_sigma = product.reshape(-1, product.size(-1)).sum(0)
+        return grad_output, grad_sigma, None, None, None
+
+
+def _draw(like: torch.Tensor, generator: torch.Generator, seed: int) -> torch.Tensor:
+    generator.manual_seed(seed)
+    return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+
+
 class LayerwisePerturbation(nn.Module):
     """
     Learnable Gaussian noise on the input hidden state of selected decoder layers.
@@ -180,6 +234,7 @@ class LayerwisePerturbation(nn.Module):
         self._backward_key: tuple[int, int] | None = None  # the last active key, for checkpoint recomputation
         self._handles: list = []
         self._host_ref: weakref.ref | None = None  # a weak reference: the host must not become a submodule
+        self._generators: dict[torch.device, torch.Generator] = {}  # re-seeded for every draw
         self.num_noise_calls = 0  # how many times noise was added (diagnostics and tests)
 
     # ------------------------------------------------------------------------------------------------ construction
@@ -281,11 +336,11 @@ class LayerwisePerturbation(nn.Module):
     @property
     def sigma(self) -> torch.Tensor:
         """Current sigma of every slot (detached), `(num_slots,)` or `(num_slots, hidden_size)`."""
-        return self.log_sigma.detach().exp()
+        return _full(self.log_sigma).detach().exp()
 
-    def sigma_per_layer(self) -> dict[int, float]:
+    def sigma_per_layer(self, log_sigma: torch.Tensor | None = None) -> dict[int, float]:
         """Mean sigma of each perturbed layer id (the mean over channels for `sigma_shape="channel"`)."""
-        sigma = self.sigma.float()
+        sigma = (self.sigma if log_sigma is None else log_sigma.detach().exp()).float()
         values = sigma if sigma.dim() == 1 else sigma.mean(-1)
         return {layer: float(v) for layer, v in zip(self.layer_ids, values.tolist())}
 
@@ -294,18 +349,15 @@ class LayerwisePerturbation(nn.Module):
         key = self._current_key()
         if key is None:
             return hidden_states
-        layer_id = self.layer_ids[slot]
-        generator = torch.Generator(device=hidden_states.device)
-        generator.manual_seed(noise_seed(self.seed, key[0], key[1], self.rank, layer_id))
-        eps = torch.randn(
-            hidden_states.shape, generator=generator, device=hidden_states.device, dtype=hidden_states.dtype
-        )
+        device = hidden_states.device
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device)
+        seed = noise_seed(self.seed, key[0], key[1], self.rank, self.layer_ids[slot])
+        scale = None
         if self.noise_scale == "rms":
-            rms = hidden_states.detach().float().pow(2).mean(-1, keepdim=True).sqrt()
-            eps = eps * rms.to(hidden_states.dtype)
-        sigma = self.log_sigma[slot].exp().to(hidden_states.dtype)
+            scale = hidden_states.detach().float().pow(2).mean(-1, keepdim=True).sqrt().to(hidden_states.dtype)
         self.num_noise_calls += 1
-        return hidden_states + sigma * eps
+        return _SeededNoise.apply(hidden_states, self.log_sigma[slot].exp(), scale, self._generators[device], seed)
 
     # ---------------------------------------------------------------------------------------------------- hooking
     def _make_pre_hook(self, slot: int):
@@ -332,7 +384,7 @@ class LayerwisePerturbation(nn.Module):
         return output_hook
 
     # ------------------------------------------------------------------------------------------------ persistence
-    def describe(self) -> dict:
+    def describe(self, log_sigma: torch.Tensor | None = None) -> dict:
         """JSON-serialisable description: settings and current sigma per layer."""
         return {
             "layer_ids": self.layer_ids,
@@ -341,17 +393,20 @@ class LayerwisePerturbation(nn.Module):
             "noise_scale": self.noise_scale,
             "learnable": self.log_sigma.requires_grad,
             "seed": self.seed,
-            "sigma_per_layer": {str(k): v for k, v in self.sigma_per_layer().items()},
+            "sigma_per_layer": {str(k): v for k, v in self.sigma_per_layer(log_sigma).items()},
         }
 
-    def save(self, directory: str) -> None:
-        """Write `alp_perturbation.safetensors` (log_sigma) and `alp_perturbation.json` into `directory`."""
+    def save(self, directory: str, log_sigma: torch.Tensor | None = None) -> None:
+        """Write `alp_perturbation.safetensors` (log_sigma) and `alp_perturbation.json` into `directory`.
+
+        `log_sigma` (e.g. taken from a state dict DeepSpeed / FSDP gathered on every rank) is written instead of the
+        parameter, so that the single saving rank never has to gather a partitioned parameter alone.
+        """
         os.makedirs(directory, exist_ok=True)
-        save_file(
-            {"log_sigma": self.log_sigma.detach().float().cpu().contiguous()}, os.path.join(directory, SIDE_FILE)
-        )
+        log_sigma = (_full(self.log_sigma) if log_sigma is None else log_sigma).detach().float().cpu().contiguous()
+        save_file({"log_sigma": log_sigma}, os.path.join(directory, SIDE_FILE))
         with open(os.path.join(directory, SIDE_CONFIG_FILE), "w") as f:
-            json.dump(self.describe(), f, indent=2)
+            json.dump(self.describe(log_sigma), f, indent=2)
 
     def load(self, directory: str) -> bool:
         """Load `log_sigma` from a directory written by [`save`]; returns False if there is no side file."""

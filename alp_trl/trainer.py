@@ -108,8 +108,23 @@ class ALPGRPOTrainer(GRPOTrainer):
                 seed=args.perturb_seed if args.perturb_seed is not None else args.seed,
             )
             self.perturbation.rank = self.accelerator.process_index
+            self._match_sigma_dtype_for_deepspeed()
         if args.uses_rollout_logps:
             self._warn_on_truncated_sampling()
+
+    def _match_sigma_dtype_for_deepspeed(self) -> None:
+        """ZeRO-3 flattens all trainable parameters into one buffer of one dtype: give sigma the model's dtype.
+
+        (Outside DeepSpeed sigma stays float32, so that small updates of log-sigma are not lost to bf16 rounding;
+        under DeepSpeed the optimizer keeps float32 master weights anyway.)
+        """
+        if not self.is_deepspeed_enabled:
+            return
+        log_sigma = self.perturbation.log_sigma
+        dtypes = {p.dtype for p in self.model.parameters() if p.is_floating_point() and p is not log_sigma}
+        if len(dtypes) == 1 and log_sigma.dtype not in dtypes:
+            log_sigma.data = log_sigma.data.to(dtypes.pop())
+            logger.info("DeepSpeed: sigma parameters cast to the model's dtype %s.", log_sigma.dtype)
 
     def _warn_on_truncated_sampling(self) -> None:
         args = self.args
@@ -300,44 +315,47 @@ class ALPGRPOTrainer(GRPOTrainer):
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
 
-        self._log_loss_metrics(mode, per_token_logps, rollout_logps, mask, entropies, surrogate, weight)
-        if self.beta != 0.0:
-            self._metrics[mode]["kl"].append(self._global_mean(per_token_kl, mask))
+        extra = {"kl": per_token_kl} if self.beta != 0.0 else {}
+        self._log_loss_metrics(mode, per_token_logps, rollout_logps, mask, entropies, surrogate, weight, extra)
         return loss
 
     # --------------------------------------------------------------------------------------------------- metrics
-    def _global_mean(self, x: torch.Tensor, mask: torch.Tensor) -> float:
-        """Masked mean of `x` over every process's tokens."""
-        x = x.detach().float().expand_as(mask)
-        local = torch.stack([(x * mask).sum(), mask.sum().float()])
-        totals = self.accelerator.reduce(local, reduction="sum")
-        return (totals[0] / totals[1].clamp(min=1.0)).item()
-
-    def _log_loss_metrics(self, mode, per_token_logps, rollout_logps, mask, entropies, surrogate, weight) -> None:
+    def _log_loss_metrics(self, mode, per_token_logps, rollout_logps, mask, entropies, surrogate, weight, extra):
+        """Log the loss metrics with one reduction and one gather (each extra GPU sync would stall the step)."""
         metrics = self._metrics[mode]
-        metrics["entropy"].append(self._global_mean(entropies, mask))
-        low, high, dual = surrogate.low_clipped.float(), surrogate.high_clipped.float(), surrogate.dual_clipped.float()
-        metrics["clip_ratio/low_mean"].append(self._global_mean(low, mask))
-        metrics["clip_ratio/high_mean"].append(self._global_mean(high, mask))
-        metrics["clip_ratio/region_mean"].append(self._global_mean(torch.maximum(low, high), mask))
-        metrics["alp/dual_clip_frac"].append(self._global_mean(dual, mask))
-        metrics["alp/clip_frac"].append(self._global_mean(torch.maximum(torch.maximum(low, high), dual), mask))
+        low, high, dual = surrogate.low_clipped, surrogate.high_clipped, surrogate.dual_clipped
+        token_means = {
+            "entropy": entropies,
+            "clip_ratio/low_mean": low,
+            "clip_ratio/high_mean": high,
+            "clip_ratio/region_mean": low | high,
+            "alp/dual_clip_frac": dual,
+            "alp/clip_frac": low | high | dual,
+            **extra,
+        }
         if weight is not None:
-            name = "alp/tis_truncated_frac" if self.args.off_policy_correction == "tis" else "alp/mis_masked_frac"
-            hit = weight >= self.args.mis_threshold if self.args.off_policy_correction == "tis" else weight == 0
-            metrics[name].append(self._global_mean(hit.float(), mask))
+            tis = self.args.off_policy_correction == "tis"
+            hit = weight >= self.args.mis_threshold if tis else weight == 0
+            token_means["alp/tis_truncated_frac" if tis else "alp/mis_masked_frac"] = hit
+        mask_f = mask.float()
+        sums = [(value.detach().float().expand_as(mask_f) * mask_f).sum() for value in token_means.values()]
+        totals = self.accelerator.reduce(torch.stack([*sums, mask_f.sum()]), reduction="sum").tolist()
+        for name, total in zip(token_means, totals[:-1]):
+            metrics[name].append(total / max(totals[-1], 1.0))
 
         # Token-level train-vs-rollout statistics (the train side is the perturbed policy under ALP).
         stats = ratio_statistics(per_token_logps.detach() - rollout_logps, mask)
         keys = ("ratio_p50", "ratio_p99", "ratio_max", "log_ratio_abs_max", "kl_k3")
         gathered = self.accelerator.gather(torch.stack([stats[k] for k in keys]).unsqueeze(0)).view(-1, len(keys))
-        metrics["alp/ratio/p50"].append(gathered[:, 0].mean().item())
-        metrics["alp/ratio/p99"].append(gathered[:, 1].mean().item())
-        metrics["alp/ratio/max"].append(gathered[:, 2].max().item())
-        metrics["alp/log_ratio_abs_max"].append(gathered[:, 3].max().item())
-        metrics["alp/train_rollout_kl"].append(gathered[:, 4].mean().item())
+        means, maxima = gathered.mean(0).tolist(), gathered.max(0).values.tolist()
+        metrics["alp/ratio/p50"].append(means[0])
+        metrics["alp/ratio/p99"].append(means[1])
+        metrics["alp/ratio/max"].append(maxima[2])
+        metrics["alp/log_ratio_abs_max"].append(maxima[3])
+        metrics["alp/train_rollout_kl"].append(means[4])
         if self.perturbation is not None:
-            per_layer = self.perturbation.sigma_per_layer()
+            per_layer = self.perturbation.sigma_per_layer()  # every rank: under ZeRO-3 this gathers sigma
+            self._last_sigma_per_layer = per_layer
             metrics["alp/sigma_mean"].append(sum(per_layer.values()) / len(per_layer))
             for layer, value in per_layer.items():
                 metrics[f"alp/sigma/layer_{layer:02d}"].append(value)
@@ -363,13 +381,15 @@ class ALPGRPOTrainer(GRPOTrainer):
         if self.perturbation is None:
             return super()._save(output_dir, state_dict)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if state_dict is not None:
+        log_sigma = None
+        if state_dict is not None:  # gathered by DeepSpeed / FSDP on every rank: take sigma from it
+            log_sigma = next((v for k, v in state_dict.items() if k.endswith(f"{MODULE_NAME}.log_sigma")), None)
             state_dict = {k: v for k, v in state_dict.items() if MODULE_NAME not in k.split(".")}
         # Save the model without the perturbation submodule, then sigma into its side file.
         with self.perturbation.unregistered():
             super()._save(output_dir, state_dict)
         if self.args.should_save:
-            self.perturbation.save(output_dir)
+            self.perturbation.save(output_dir, log_sigma)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         if self.perturbation is None:
@@ -399,7 +419,9 @@ class ALPGRPOTrainer(GRPOTrainer):
             f"- clip: epsilon `{a.epsilon}`, epsilon_high `{a.epsilon_high}`, dual_clip_c `{a.dual_clip_c}`",
         ]
         if self.perturbation is not None:
-            sigma = ", ".join(f"{k}: {v:.4g}" for k, v in self.perturbation.sigma_per_layer().items())
+            # the last logged values: reading the parameter here (rank 0 only) could need a collective gather
+            per_layer = getattr(self, "_last_sigma_per_layer", None) or self.perturbation.sigma_per_layer()
+            sigma = ", ".join(f"{k}: {v:.4g}" for k, v in per_layer.items())
             lines += [
                 f"- perturb_layers: `{a.perturb_layers}`, sigma shape `{a.perturb_sigma_shape}`, "
                 f"noise scale `{a.perturb_noise_scale}`",

@@ -232,3 +232,34 @@ def test_save_and_load_side_file(tmp_path, tokenizer):
     with pytest.raises(ValueError, match="shape"):
         mismatched.load(str(tmp_path))
     assert not other.load(str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("shape", ["scalar", "channel"])
+@pytest.mark.parametrize("scale", ["absolute", "rms"])
+def test_noise_gradient_matches_plain_autograd(shape, scale):
+    """The custom backward (eps re-drawn from its seed) gives the gradients of h + sigma * scale * eps."""
+    from alp_trl.perturbation import noise_seed
+
+    model = ToyLM(checkpointed=False)
+    perturbation = LayerwisePerturbation.attach(
+        model, [1], sigma_init=0.2, sigma_shape=shape, noise_scale=scale, seed=3
+    )
+    with torch.no_grad():
+        perturbation.log_sigma.add_(
+            torch.linspace(-0.5, 0.5, perturbation.log_sigma.numel()).view_as(perturbation.log_sigma)
+        )
+    hidden = torch.randn(2, 5, 8, requires_grad=True)
+    with perturbation.active(4, 2):
+        out = perturbation(hidden, 0)
+    (out.pow(3).sum()).backward()
+    # the same computation written out, with eps drawn from the same seed
+    generator = torch.Generator().manual_seed(noise_seed(3, 4, 2, 0, 1))
+    eps = torch.randn(hidden.shape, generator=generator)
+    log_sigma = perturbation.log_sigma.detach().clone().requires_grad_()
+    hidden2 = hidden.detach().clone().requires_grad_()
+    factor = hidden2.detach().pow(2).mean(-1, keepdim=True).sqrt() if scale == "rms" else 1.0
+    expected = hidden2 + log_sigma[0].exp() * factor * eps
+    torch.testing.assert_close(out.detach(), expected.detach())
+    expected.pow(3).sum().backward()
+    torch.testing.assert_close(perturbation.log_sigma.grad, log_sigma.grad)
+    torch.testing.assert_close(hidden.grad, hidden2.grad)
