@@ -38,7 +38,7 @@ compare: install
 	$(PY) -m alp_trl.compare --recipe $(DEMO_RECIPE) --out outputs/compare --max-steps $(COMPARE_STEPS) -- \
 		--per_device_train_batch_size 8 --steps_per_generation 2 --max_completion_length 48
 
-# ALP's cost vs plain GRPOTrainer (ratios, same run); results in docs/benchmarks_cpu.json, table in docs/benchmarks.md.
+# ALP's cost vs plain GRPOTrainer (ratios, same run); results in docs/benchmarks_cpu.{json,md}, discussed in docs/benchmarks.md.
 bench: install
 	$(PY) benchmarks/bench.py --models $(BENCH_MODELS) --steps 4 --repeats 2 --out docs/benchmarks_cpu.json
 

@@ -97,7 +97,10 @@ def main(argv=None) -> None:
     parser.add_argument("output_dir", help="the run's output_dir (holds metrics.jsonl or checkpoints)")
     parser.add_argument("--out", default=None, help="where to write the PNG files (default: OUTPUT_DIR/plots)")
     args = parser.parse_args(argv)
-    history = load_history(args.output_dir)
+    try:
+        history = load_history(args.output_dir)
+    except FileNotFoundError as error:
+        parser.error(str(error))
     paths = plot_training_curves(
         history,
         args.out or os.path.join(args.output_dir, "plots"),
