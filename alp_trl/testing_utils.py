@@ -102,3 +102,136 @@ def build_tiny_causal_lm(
     torch.manual_seed(seed)
     config = tiny_config(arch, vocab_size, num_layers, hidden_size)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+class FakeVLLMEngine:
+    """Stands in for vLLM's colocated `LLM` in `trl.generation.vllm_generation.VLLMGeneration` on a CPU.
+
+    It holds its own copy of the policy ("the engine's weights"), receives weights through the same
+    `llm_engine.model_executor.driver_worker.model_runner.model.load_weights([(name, tensor)])` call TRL's
+    `sync_weights` makes (an unknown name raises, as in vLLM), and samples with Gaussian noise of std `logit_noise` on
+    its logits, so that its log-probs differ from the trainer's as a real engine's do.
+    """
+
+    def __init__(self, model, logit_noise: float = 0.5, nan_every: int = 0):
+        # A fresh model of the same architecture with the policy's (base) weights: no hooks, no LoRA, no sigma, and
+        # none of TRL's patches of the trainer's model.
+        state = {
+            key.replace(".base_layer", ""): value
+            for key, value in model.state_dict().items()
+            if "lora_" not in key and "alp_perturbation" not in key
+        }
+        self.engine_model = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32).eval()
+        missing, unexpected = self.engine_model.load_state_dict(state, strict=False)
+        if unexpected or [k for k in missing if "lm_head" not in k]:
+            raise ValueError(f"engine weights do not match the policy: missing {missing}, unexpected {unexpected}")
+        self.logit_noise = logit_noise
+        self.nan_every = nan_every  # report every n-th log-prob as None (vLLM's NaN)
+        self.loaded_names: list[str] = []
+        self.returned_logprobs: list[list[float | None]] = []
+        self.llm_engine = self  # llm_engine.model_executor.driver_worker.model_runner.model.load_weights
+        self.model_executor = self.driver_worker = self.model_runner = self.model = self
+
+    def load_weights(self, weights):
+        params = dict(self.engine_model.named_parameters())
+        for name, tensor in weights:
+            if name not in params:
+                raise KeyError(f"vLLM engine has no weight named {name!r}")
+            with torch.no_grad():
+                params[name].copy_(tensor)
+            self.loaded_names.append(name)
+
+    def reset_prefix_cache(self):
+        pass
+
+    def generate(
+        self,
+        prompts,
+        images=None,
+        num_generations=1,
+        profiler=None,
+        *,
+        temperature=1.0,
+        max_completion_length=8,
+        pad_token_id=0,
+        eos_token_id=None,
+    ):
+        """One completion per prompt (TRL's colocate contract): (prompt_ids, completion_ids, logprobs, token_ids)."""
+        from transformers import GenerationConfig
+
+        from .rollout_logprobs import capture_generation_logprobs
+        from .rollout_mismatch import simulated_sampler
+
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[pad_token_id] * (width - len(p)) + list(p) for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        config = GenerationConfig(
+            do_sample=True,
+            max_new_tokens=max_completion_length,
+            temperature=temperature,
+            top_k=0,
+            top_p=1.0,
+            pad_token_id=pad_token_id,
+            eos_token_id=eos_token_id,
+        )
+        with (
+            simulated_sampler(self.engine_model, "logit_noise", self.logit_noise, seed=len(self.returned_logprobs)),
+            capture_generation_logprobs(self.engine_model, temperature) as recorder,
+            torch.no_grad(),
+        ):
+            out = self.engine_model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        completions = []
+        for row in out[:, width:].tolist():
+            if eos_token_id in row:
+                row = row[: row.index(eos_token_id) + 1]
+            completions.append(row)
+        logprobs = recorder.logprobs_for(completions)
+        if self.nan_every:
+            logprobs = [
+                [None if (i + j) % self.nan_every == 0 else v for j, v in enumerate(seq)]
+                for i, seq in enumerate(logprobs)
+            ]
+        self.returned_logprobs = logprobs
+        return [list(p) for p in prompts], completions, [[[v] for v in seq] for seq in logprobs], None
+
+
+def attach_fake_vllm(trainer, logit_noise: float = 0.5, nan_every: int = 0) -> FakeVLLMEngine:
+    """Make a trainer built with `use_vllm=False` generate through TRL's real `VLLMGeneration` (colocate mode, its
+    own `sync_weights`) backed by a `FakeVLLMEngine`; returns the engine."""
+    import types
+
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    engine = FakeVLLMEngine(
+        trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model,
+        logit_noise,
+        nan_every,
+    )
+    generation = object.__new__(VLLMGeneration)  # TRL's class without its vLLM-importing __init__
+    generation.__dict__.update(
+        mode="colocate",
+        enable_sleep_mode=False,
+        accelerator=trainer.accelerator,
+        model=trainer.model,
+        _dist=trainer._dist,
+        llm=engine,
+        _weight_metadata=None,
+    )
+    tokenizer = trainer.processing_class
+
+    def generate(self, prompts, images, num_generations, profiler=None):
+        return engine.generate(
+            prompts,
+            images,
+            num_generations,
+            temperature=trainer.temperature,
+            max_completion_length=trainer.args.max_completion_length,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+
+    generation.generate = types.MethodType(generate, generation)
+    trainer.vllm_generation = generation
+    trainer.use_vllm = True
+    trainer._last_loaded_step = -1
+    return engine

@@ -152,6 +152,14 @@ class ALPGRPOTrainer(GRPOTrainer):
     def _records_rollout_logps(self) -> bool:
         return self.args.uses_rollout_logps or self.args.rollout_mismatch != "none"
 
+    def _generate(self, prompts):
+        if self.use_vllm and self.perturbation is not None:
+            # TRL pushes `model.named_parameters()` to vLLM before generating: sigma must never be part of that sync
+            # (vLLM has no such weight), so the perturbation submodule is out of the model while it runs.
+            with self.perturbation.unregistered():
+                return super()._generate(prompts)
+        return super()._generate(prompts)
+
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         if self.use_vllm or self.use_transformers_continuous_batching or not self._records_rollout_logps:
             return super()._generate_single_turn(

@@ -26,6 +26,7 @@ def test_there_are_recipes_for_the_paper_and_the_demo():
         "Qwen2.5-Math-1.5B/alp/config_token_alp.yaml",
         "Qwen2.5-Math-1.5B/alp/config_seq_alp.yaml",
         "Qwen2.5-Math-1.5B/alp/config_seq_alp_lora.yaml",
+        "Qwen2.5-Math-1.5B/alp/config_seq_alp_vllm_server.yaml",
         "Qwen2.5-Math-1.5B/grpo/config_grpo.yaml",
         "Qwen2.5-Math-1.5B/bypass/config_seq_bypass.yaml",
         "Qwen2.5-Math-1.5B/mis/config_token_mis.yaml",
