@@ -188,6 +188,14 @@ class ALPConfig(GRPOConfig):
         self._validate_alp_fields()
         super().__post_init__()
 
+    def __getstate__(self):
+        # `training_args.bin` (a pickle of these arguments) is saved with every checkpoint and uploaded with the model:
+        # the Hub token must never be inside it. The trainer reads the token from the live object when it pushes.
+        state = self.__dict__.copy()
+        if state.get("hub_token") is not None:
+            state["hub_token"] = None
+        return state
+
     @property
     def uses_perturbation(self) -> bool:
         """Whether the policy-update forward runs through the layerwise noise modules."""

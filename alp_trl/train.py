@@ -190,10 +190,40 @@ def load_model(model_args: ModelConfig, training_args: ALPConfig):
     )
 
 
-def last_checkpoint(output_dir: str) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+def recipe_text(argv=None) -> str | None:
+    """The recipe YAML and the command-line overrides, for the model card (values of `*token*` keys redacted)."""
+    import re
 
-    return get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    text = ""
+    if "--config" in argv and argv.index("--config") + 1 < len(argv):
+        with open(argv[argv.index("--config") + 1]) as f:
+            text = f.read()
+        del argv[argv.index("--config") : argv.index("--config") + 2]
+    if argv:
+        shown = ["<redacted>" if i > 0 and "token" in argv[i - 1].lower() else arg for i, arg in enumerate(argv)]
+        shown = [re.sub(r"(?i)(token[\w-]*=).*", r"\1<redacted>", arg) for arg in shown]
+        text += "\n# command-line overrides: " + " ".join(shown) + "\n"
+    return re.sub(r"(?im)^(\s*[\w-]*token[\w-]*\s*:).*$", r"\1 <redacted>", text) or None
+
+
+def last_checkpoint(output_dir: str) -> str | None:
+    """The newest *complete* `checkpoint-N` of a run: a run killed while saving leaves a folder without
+    `trainer_state.json` (the Trainer writes it last), which is skipped."""
+    import re
+
+    if not os.path.isdir(output_dir):
+        return None
+    steps = sorted(
+        (int(match.group(1)), name)
+        for name in os.listdir(output_dir)
+        if (match := re.fullmatch(r"checkpoint-(\d+)", name)) and os.path.isdir(os.path.join(output_dir, name))
+    )
+    for _, name in reversed(steps):
+        if os.path.exists(os.path.join(output_dir, name, "trainer_state.json")):
+            return os.path.join(output_dir, name)
+        logger.warning("Skipping the incomplete checkpoint %s (no trainer_state.json).", name)
+    return None
 
 
 def main(argv=None) -> None:
@@ -241,12 +271,13 @@ def main(argv=None) -> None:
         peft_config=get_peft_config(model_args),
         callbacks=[MetricsJsonlCallback()],
     )
+    trainer.recipe_text = recipe_text(argv)
 
     checkpoint = training_args.resume_from_checkpoint
     if checkpoint is None and script_args.auto_resume:
         checkpoint = last_checkpoint(training_args.output_dir)
         if checkpoint is not None:
-            logger.info("Resuming from the newest checkpoint in output_dir: %s", checkpoint)
+            logger.warning("Resuming from the newest checkpoint in output_dir: %s", checkpoint)
     result = trainer.train(resume_from_checkpoint=checkpoint)
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)

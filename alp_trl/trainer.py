@@ -241,10 +241,14 @@ class ALPGRPOTrainer(GRPOTrainer):
                 self.perturbation.disarm()
 
     def _perturbed(self, mode: str):
-        """The noise context of the policy-update forward pass (train mode only), keyed by (step, micro-step)."""
+        """The noise context of the policy-update forward pass (train mode only).
+
+        The noise is keyed by (optimizer step, micro-step within its accumulation window): both survive a resume from
+        a checkpoint (TRL's micro-step counter restarts at 0 there), so a resumed run draws the same noise.
+        """
         if self.perturbation is None or mode != "train":
             return nullcontext()
-        return self.perturbation.active(self.state.global_step, self._step)
+        return self.perturbation.active(self.state.global_step, self._step % self.args.gradient_accumulation_steps)
 
     def _compute_loss(self, model, inputs):
         args = self.args
@@ -436,5 +440,8 @@ class ALPGRPOTrainer(GRPOTrainer):
                 f"- sigma per layer: {sigma}",
                 "- sigma is stored in `alp_perturbation.safetensors` beside the weights and is not part of them.",
             ]
+        recipe = getattr(self, "recipe_text", None)
+        if recipe:
+            lines += ["", "## Recipe", "", "```yaml", recipe.rstrip(), "```"]
         with open(path, "a") as f:
             f.write("\n".join(lines) + "\n")

@@ -181,3 +181,53 @@ def test_entry_point_trains_end_to_end_through_accelerate(tmp_path, tiny_run_ass
     assert [r["step"] for r in steps] == [1, 2]
     assert "rewards/accuracy/mean" in steps[0] and "rewards/length/mean" in steps[0]
     assert "ALP settings" in (out / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_run_killed_with_sigkill_resumes_from_its_last_complete_checkpoint(tmp_path, tiny_run_assets):
+    import signal
+    import time
+
+    model_dir, data = tiny_run_assets
+    out = tmp_path / "run"
+    recipe = {
+        "model_name_or_path": str(model_dir),
+        "dataset_name": str(data),
+        "problem_column": "question",
+        "answer_column": "solution",
+        "output_dir": str(out),
+        "per_device_train_batch_size": 4,
+        "num_generations": 4,
+        "max_completion_length": 8,
+        "max_steps": 60,
+        "save_strategy": "steps",
+        "save_steps": 2,
+        "logging_steps": 1,
+        "report_to": "none",
+        "bf16": False,
+        "use_cpu": True,
+        "perturb_sigma_init": 0.05,
+        "plot": False,
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    command = [sys.executable, "-m", "alp_trl.train", "--config", str(path)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen(
+        command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.time() + 300
+    while not (out / "checkpoint-4" / "trainer_state.json").exists():
+        assert process.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (out / "model.safetensors").exists(), "killed before the end"
+
+    resumed = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "Resuming from the newest checkpoint" in resumed.stdout + resumed.stderr
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [s for s in steps if s <= 60]
+    assert sorted(set(train_steps)) == list(range(1, 61)), "every step logged once across the kill"
+    assert (out / "model.safetensors").exists() and (out / "alp_perturbation.safetensors").exists()
