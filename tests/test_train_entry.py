@@ -93,12 +93,33 @@ def test_command_line_overrides_the_recipe():
     assert training_args.max_steps == 3 and script_args.dataset_name == "builtin:arithmetic"
 
 
+EXPECTED_ACCELERATE_STATE = {
+    "cpu.yaml": ("NO", {"use_cpu": True, "num_processes": 1}),
+    "ddp.yaml": ("MULTI_GPU", {"mixed_precision": "bf16"}),
+    "zero2.yaml": ("DEEPSPEED", {"deepspeed_config": {"zero_stage": 2}}),
+    "zero3.yaml": ("DEEPSPEED", {"deepspeed_config": {"zero_stage": 3, "zero3_init_flag": True}}),
+    "fsdp.yaml": ("FSDP", {"fsdp_config": {"fsdp_version": 2, "fsdp_state_dict_type": "FULL_STATE_DICT"}}),
+}
+
+
+def test_every_accelerate_config_is_known():
+    assert sorted(Path(p).name for p in ACCELERATE_CONFIGS) == sorted(EXPECTED_ACCELERATE_STATE)
+
+
 @pytest.mark.parametrize("config", ACCELERATE_CONFIGS, ids=lambda p: Path(p).name)
-def test_accelerate_configs_are_valid_yaml_with_a_distributed_type(config):
-    with open(config) as f:
-        data = yaml.safe_load(f)
-    assert data["distributed_type"] in ("NO", "MULTI_GPU", "DEEPSPEED", "FSDP", "MULTI_CPU")
-    assert data["num_processes"] >= 1
+def test_accelerate_configs_load_into_the_intended_state(config):
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+
+    loaded = load_config_from_file(config)
+    distributed_type, fields = EXPECTED_ACCELERATE_STATE[Path(config).name]
+    assert loaded.distributed_type == DistributedType[distributed_type]
+    for key, value in fields.items():
+        actual = getattr(loaded, key)
+        if isinstance(value, dict):
+            assert {k: actual[k] for k in value} == value, key
+        else:
+            assert actual == value, key
 
 
 @pytest.fixture(scope="module")
