@@ -13,6 +13,7 @@ COMMANDS = {
         "alp_trl.diagnose",
         "importance-ratio envelope with/without perturbation: alp-trl diagnose MODEL_DIR",
     ),
+    "eval": ("alp_trl.evaluate", "avg@k / pass@k on math benchmarks: alp-trl eval MODEL --benchmarks gsm8k --k 4"),
     "compare": ("alp_trl.compare", "ALP vs baselines under one simulated mismatch: alp-trl compare [--max-steps N]"),
 }
 
