@@ -70,6 +70,13 @@ class ALPScriptArguments(ScriptArguments):
         metadata={"help": "Resume from the newest checkpoint in output_dir when resume_from_checkpoint is unset."},
     )
     plot: bool = field(default=True, metadata={"help": "Write training-curve PNGs into output_dir/plots at the end."})
+    avg_at_k_steps: int = field(
+        default=0, metadata={"help": "Every N optimizer steps, log avg@k / pass@k on a benchmark (0: off)."}
+    )
+    avg_at_k_benchmark: str = field(default="arithmetic", metadata={"help": "Benchmark of the in-training avg@k."})
+    avg_at_k_limit: int = field(default=32, metadata={"help": "Problems of the in-training avg@k."})
+    avg_at_k_k: int = field(default=4, metadata={"help": "Samples per problem of the in-training avg@k."})
+    avg_at_k_max_new_tokens: int = field(default=256, metadata={"help": "Max new tokens of the in-training avg@k."})
 
     def __post_init__(self):
         from .rewards import REWARD_REGISTRY
@@ -272,6 +279,24 @@ def main(argv=None) -> None:
         callbacks=[MetricsJsonlCallback()],
     )
     trainer.recipe_text = recipe_text(argv)
+    if script_args.avg_at_k_steps > 0:
+        from .callbacks import AvgAtKCallback
+        from .evaluate import load_problems
+
+        problems = load_problems(script_args.avg_at_k_benchmark, script_args.avg_at_k_limit)
+        for problem in problems:
+            problem["prompt_text"] = script_args.prompt_template.replace("{problem}", str(problem["problem"]))
+        trainer.add_callback(
+            AvgAtKCallback(
+                trainer,
+                problems,
+                k=script_args.avg_at_k_k,
+                temperature=training_args.temperature,
+                max_new_tokens=script_args.avg_at_k_max_new_tokens,
+                every=script_args.avg_at_k_steps,
+                seed=training_args.seed,
+            )
+        )
 
     checkpoint = training_args.resume_from_checkpoint
     if checkpoint is None and script_args.auto_resume:

@@ -78,3 +78,28 @@ def test_bad_arguments_are_named(saved_model_dir, capsys):
     assert "math501" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         eval_main([saved_model_dir, "--temperature", "0", "--k", "4"])
+
+
+def test_in_training_avg_at_k_is_logged(make_model, tokenizer, prompt_dataset, train_args):
+    from alp_trl import ALPConfig, ALPGRPOTrainer
+    from alp_trl.callbacks import AvgAtKCallback
+
+    from .conftest import diversity_reward
+
+    trainer = ALPGRPOTrainer(
+        model=make_model(),
+        reward_funcs=diversity_reward,
+        args=ALPConfig(**train_args),
+        train_dataset=prompt_dataset,
+        processing_class=tokenizer,
+    )
+    problems = [{**p, "prompt_text": p["problem"]} for p in load_problems("arithmetic", 2)]
+    callback = AvgAtKCallback(trainer, problems, k=2, temperature=1.0, max_new_tokens=4, every=1, batch_size=4)
+    trainer.add_callback(callback)
+    noise_calls = trainer.perturbation.num_noise_calls
+    summary = callback.evaluate()
+    assert summary["problems"] == 2 and 0.0 <= summary["avg@2"] <= 1.0
+    assert trainer.perturbation.num_noise_calls == noise_calls, "evaluated without the perturbation"
+    trainer.train()
+    logged = [r for r in trainer.state.log_history if "eval/avg@2" in r]
+    assert len(logged) == 2 and all(0.0 <= r["eval/pass@2"] <= 1.0 for r in logged)

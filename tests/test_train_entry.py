@@ -183,7 +183,7 @@ def test_entry_point_trains_end_to_end_through_accelerate(tmp_path, tiny_run_ass
     extra = (
         {"use_peft": True, "lora_r": 4, "lora_alpha": 8, "lora_target_modules": ["q_proj", "v_proj"]}
         if use_peft
-        else {}
+        else {"avg_at_k_steps": 1, "avg_at_k_limit": 2, "avg_at_k_k": 2, "avg_at_k_max_new_tokens": 4}
     )
     out = _run_entry(tmp_path, model_dir, data, extra)
     weights = "adapter_model.safetensors" if use_peft else "model.safetensors"
@@ -201,6 +201,8 @@ def test_entry_point_trains_end_to_end_through_accelerate(tmp_path, tiny_run_ass
     steps = [r for r in records if "alp/sigma_mean" in r]
     assert [r["step"] for r in steps] == [1, 2]
     assert "rewards/accuracy/mean" in steps[0] and "rewards/length/mean" in steps[0]
+    if not use_peft:
+        assert all("eval/avg@2" in r for r in steps), "in-training avg@k logged every step"
     assert "ALP settings" in (out / "README.md").read_text()
 
 
