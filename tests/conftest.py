@@ -75,5 +75,19 @@ def train_args(tmp_path):
     )
 
 
+def alp_trainer(model, tokenizer, dataset, args, **kwargs):
+    """An `ALPGRPOTrainer` on the tiny test setup: `diversity_reward`, the given model, data and `ALPConfig`."""
+    from alp_trl import ALPGRPOTrainer
+
+    return ALPGRPOTrainer(
+        model=model,
+        reward_funcs=diversity_reward,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        **kwargs,
+    )
+
+
 def named_params(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -81,18 +81,12 @@ def test_bad_arguments_are_named(saved_model_dir, capsys):
 
 
 def test_in_training_avg_at_k_is_logged(make_model, tokenizer, prompt_dataset, train_args):
-    from alp_trl import ALPConfig, ALPGRPOTrainer
+    from alp_trl import ALPConfig
     from alp_trl.callbacks import AvgAtKCallback
 
-    from .conftest import diversity_reward
+    from .conftest import alp_trainer
 
-    trainer = ALPGRPOTrainer(
-        model=make_model(),
-        reward_funcs=diversity_reward,
-        args=ALPConfig(**train_args),
-        train_dataset=prompt_dataset,
-        processing_class=tokenizer,
-    )
+    trainer = alp_trainer(make_model(), tokenizer, prompt_dataset, ALPConfig(**train_args))
     problems = [{**p, "prompt_text": p["problem"]} for p in load_problems("arithmetic", 2)]
     callback = AvgAtKCallback(trainer, problems, k=2, temperature=1.0, max_new_tokens=4, every=1, batch_size=4)
     trainer.add_callback(callback)

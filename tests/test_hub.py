@@ -7,11 +7,11 @@ from concurrent.futures import Future
 import pytest
 from safetensors.torch import load_file
 
-from alp_trl import ALPConfig, ALPGRPOTrainer
+from alp_trl import ALPConfig
 from alp_trl.perturbation import MODULE_NAME, SIDE_FILE
 from alp_trl.train import recipe_text
 
-from .conftest import diversity_reward
+from .conftest import alp_trainer
 
 
 SECRET = "hf_ThisIsNotARealTokenButMustNeverLeak"
@@ -76,12 +76,11 @@ def test_push_uploads_weights_without_sigma_side_file_and_card(
         hub_token=SECRET,
         perturb_lr=0.05,
     )
-    trainer = ALPGRPOTrainer(
-        model=make_model(),
-        reward_funcs=diversity_reward,
-        args=args,
-        train_dataset=prompt_dataset,
-        processing_class=tokenizer,
+    trainer = alp_trainer(
+        make_model(),
+        tokenizer,
+        prompt_dataset,
+        args,
         peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]) if use_lora else None,
     )
     trainer.recipe_text = "off_policy_correction: alp\nhub_token: <redacted>\n"

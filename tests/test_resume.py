@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from alp_trl import ALPConfig, ALPGRPOTrainer
+from alp_trl import ALPConfig
 from alp_trl.train import last_checkpoint
 
-from .conftest import diversity_reward
+from .conftest import alp_trainer
 
 
 class StopAfter(TrainerCallback):
@@ -42,12 +42,11 @@ def _run(make_model, tokenizer, prompt_dataset, output_dir, callbacks=(), resume
         seed=0,
         **extra,
     )
-    trainer = ALPGRPOTrainer(
-        model=make_model(),
-        reward_funcs=diversity_reward,
-        args=args,
-        train_dataset=prompt_dataset,
-        processing_class=tokenizer,
+    trainer = alp_trainer(
+        make_model(),
+        tokenizer,
+        prompt_dataset,
+        args,
         callbacks=list(callbacks),
     )
     trainer.train(resume_from_checkpoint=resume)

@@ -5,10 +5,10 @@ import copy
 import pytest
 import torch
 
-from alp_trl import ALPConfig, ALPGRPOTrainer
+from alp_trl import ALPConfig
 from alp_trl.rollout_mismatch import simulated_sampler
 
-from .conftest import diversity_reward
+from .conftest import alp_trainer
 
 
 @pytest.fixture
@@ -73,13 +73,7 @@ def test_trainer_rollout_logps_come_from_the_simulated_engine(
         off_policy_correction=correction,
         perturb_sigma_init=0.1,
     )
-    trainer = ALPGRPOTrainer(
-        model=make_model(),
-        reward_funcs=diversity_reward,
-        args=args,
-        train_dataset=prompt_dataset,
-        processing_class=tokenizer,
-    )
+    trainer = alp_trainer(make_model(), tokenizer, prompt_dataset, args)
     trainer.model.train()
     weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     output = trainer._generate_and_score_completions([prompt_dataset[0]] * 4)

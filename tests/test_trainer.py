@@ -12,7 +12,7 @@ from trl import GRPOConfig, GRPOTrainer
 from alp_trl import ALPConfig, ALPGRPOTrainer
 from alp_trl.perturbation import MODULE_NAME, SIDE_FILE
 
-from .conftest import diversity_reward, named_params
+from .conftest import alp_trainer, diversity_reward, named_params
 
 
 def _trainer(cls, config_cls, model, tokenizer, dataset, **kwargs):
@@ -170,13 +170,7 @@ def test_sigma_has_its_own_optimizer_group(make_model, tokenizer, prompt_dataset
 
 def test_requires_alp_config(make_model, tokenizer, prompt_dataset, train_args):
     with pytest.raises(TypeError, match="ALPConfig"):
-        ALPGRPOTrainer(
-            model=make_model(),
-            reward_funcs=diversity_reward,
-            args=GRPOConfig(**train_args),
-            train_dataset=prompt_dataset,
-            processing_class=tokenizer,
-        )
+        alp_trainer(make_model(), tokenizer, prompt_dataset, GRPOConfig(**train_args))
 
 
 def _assert_weights_file_has_no_sigma(directory):
@@ -194,12 +188,11 @@ def _assert_weights_file_has_no_sigma(directory):
 def test_alp_trains_end_to_end(make_model, tokenizer, prompt_dataset, train_args, arch, level, use_lora):
     peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]) if use_lora else None
     args = ALPConfig(**train_args, importance_sampling_level=level, perturb_sigma_init=0.05, perturb_lr=0.05)
-    trainer = ALPGRPOTrainer(
-        model=make_model(arch),
-        reward_funcs=diversity_reward,
-        args=args,
-        train_dataset=prompt_dataset,
-        processing_class=tokenizer,
+    trainer = alp_trainer(
+        make_model(arch),
+        tokenizer,
+        prompt_dataset,
+        args,
         peft_config=peft_config,
     )
     before = named_params(trainer.model)
@@ -264,12 +257,11 @@ def test_warns_when_sampling_is_truncated(make_model, tokenizer, prompt_dataset,
 
 def test_lora_with_gradient_checkpointing_trains_sigma(make_model, tokenizer, prompt_dataset, train_args):
     args = ALPConfig(**train_args, gradient_checkpointing=True, perturb_sigma_init=0.05, perturb_lr=0.05)
-    trainer = ALPGRPOTrainer(
-        model=make_model("llama"),
-        reward_funcs=diversity_reward,
-        args=args,
-        train_dataset=prompt_dataset,
-        processing_class=tokenizer,
+    trainer = alp_trainer(
+        make_model("llama"),
+        tokenizer,
+        prompt_dataset,
+        args,
         peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
     )
     sigma_before = trainer.perturbation.sigma.clone()

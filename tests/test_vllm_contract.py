@@ -4,21 +4,20 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from alp_trl import ALPConfig, ALPGRPOTrainer
+from alp_trl import ALPConfig
 from alp_trl.perturbation import MODULE_NAME
 from alp_trl.testing_utils import attach_fake_vllm
 
-from .conftest import diversity_reward, named_params
+from .conftest import alp_trainer, named_params
 
 
 def _trainer(make_model, tokenizer, prompt_dataset, train_args, peft=False, **kwargs):
     args = ALPConfig(**train_args, perturb_sigma_init=0.1, **kwargs)
-    return ALPGRPOTrainer(
-        model=make_model(),
-        reward_funcs=diversity_reward,
-        args=args,
-        train_dataset=prompt_dataset,
-        processing_class=tokenizer,
+    return alp_trainer(
+        make_model(),
+        tokenizer,
+        prompt_dataset,
+        args,
         peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]) if peft else None,
     )
 
