@@ -98,46 +98,35 @@ def sample_rollouts(
     batch_size: int,
 ):
     """Sample completions from the (simulated) inference policy; returns padded tensors and its log-probs."""
-    from transformers import GenerationConfig
+    from .rollout_logprobs import sample_with_logprobs
 
-    from .rollout_logprobs import capture_generation_logprobs
-    from .rollout_mismatch import simulated_sampler
-
-    config = GenerationConfig(
-        do_sample=True,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=1.0,
-        top_k=0,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
     texts = [
         p if isinstance(p, str) else tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
         for p in prompts
         for _ in range(num_generations)
     ]
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     batches = []
     for start in range(0, len(texts), batch_size):
         enc = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-        torch.manual_seed(seed + start)
-        with (
-            simulated_sampler(model, mismatch, mismatch_std, seed, start),
-            capture_generation_logprobs(causal_lm, temperature) as recorder,
-        ):
-            out = model.generate(**enc, generation_config=config)
-        completion = out[:, enc.input_ids.size(1) :]
-        is_eos = completion == tokenizer.eos_token_id
-        lengths = torch.where(
-            is_eos.any(1),
-            is_eos.int().argmax(1) + 1,
-            torch.full_like(is_eos[:, 0], completion.size(1), dtype=torch.long),
+        completions, logprobs = sample_with_logprobs(
+            model,
+            enc.input_ids,
+            enc.attention_mask,
+            max_new_tokens,
+            temperature,
+            tokenizer.eos_token_id,
+            tokenizer.pad_token_id,
+            mismatch,
+            mismatch_std,
+            seed + start,
         )
-        completion_mask = (torch.arange(completion.size(1)).unsqueeze(0) < lengths.unsqueeze(1)).long()
-        rollout = recorder.logprobs_for([row[:n].tolist() for row, n in zip(completion, lengths.tolist())])
+        width = max(len(c) for c in completions)
+        completion = torch.full((len(completions), width), tokenizer.pad_token_id, dtype=torch.long)
+        completion_mask = torch.zeros_like(completion)
         rollout_logps = torch.zeros(completion.shape)
-        for row, values in enumerate(rollout):
+        for row, (ids, values) in enumerate(zip(completions, logprobs)):
+            completion[row, : len(ids)] = torch.tensor(ids)
+            completion_mask[row, : len(ids)] = 1
             rollout_logps[row, : len(values)] = torch.tensor(values)
         batches.append((enc.input_ids, enc.attention_mask, completion, completion_mask, rollout_logps))
     return batches

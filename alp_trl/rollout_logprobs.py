@@ -76,3 +76,49 @@ def capture_generation_logprobs(model: nn.Module, temperature: float = 1.0) -> I
         yield recorder
     finally:
         handle.remove()
+
+
+@torch.no_grad()
+def sample_with_logprobs(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    eos_token_id: int | None = None,
+    pad_token_id: int = 0,
+    mismatch: str = "none",
+    mismatch_std: float = 0.0,
+    seed: int = 0,
+) -> tuple[list[list[int]], list[list[float]]]:
+    """
+    Sample one completion per (left-padded) prompt from `model`, optionally turned into a simulated inference engine
+    (`alp_trl.rollout_mismatch`), with untruncated sampling (`top_p=1`, `top_k=0`). Returns each completion's token ids
+    (cut after the first EOS) and the sampling log-probs of those tokens.
+    """
+    from transformers import GenerationConfig
+
+    from .rollout_mismatch import simulated_sampler
+
+    config = GenerationConfig(
+        do_sample=True,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=1.0,
+        top_k=0,
+        pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id,
+    )
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    torch.manual_seed(seed)
+    with (
+        simulated_sampler(model, mismatch, mismatch_std, seed),
+        capture_generation_logprobs(causal_lm, temperature) as recorder,
+    ):
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+    completions = []
+    for row in out[:, input_ids.size(1) :].tolist():
+        if eos_token_id is not None and eos_token_id in row:
+            row = row[: row.index(eos_token_id) + 1]
+        completions.append(row)
+    return completions, recorder.logprobs_for(completions)

@@ -157,35 +157,23 @@ class FakeVLLMEngine:
         eos_token_id=None,
     ):
         """One completion per prompt (TRL's colocate contract): (prompt_ids, completion_ids, logprobs, token_ids)."""
-        from transformers import GenerationConfig
-
-        from .rollout_logprobs import capture_generation_logprobs
-        from .rollout_mismatch import simulated_sampler
+        from .rollout_logprobs import sample_with_logprobs
 
         width = max(len(p) for p in prompts)
         ids = torch.tensor([[pad_token_id] * (width - len(p)) + list(p) for p in prompts])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        config = GenerationConfig(
-            do_sample=True,
-            max_new_tokens=max_completion_length,
-            temperature=temperature,
-            top_k=0,
-            top_p=1.0,
-            pad_token_id=pad_token_id,
-            eos_token_id=eos_token_id,
+        completions, logprobs = sample_with_logprobs(
+            self.engine_model,
+            ids,
+            mask,
+            max_completion_length,
+            temperature,
+            eos_token_id,
+            pad_token_id,
+            "logit_noise",
+            self.logit_noise,
+            seed=len(self.loaded_names),
         )
-        with (
-            simulated_sampler(self.engine_model, "logit_noise", self.logit_noise, seed=len(self.returned_logprobs)),
-            capture_generation_logprobs(self.engine_model, temperature) as recorder,
-            torch.no_grad(),
-        ):
-            out = self.engine_model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-        completions = []
-        for row in out[:, width:].tolist():
-            if eos_token_id in row:
-                row = row[: row.index(eos_token_id) + 1]
-            completions.append(row)
-        logprobs = recorder.logprobs_for(completions)
         if self.nan_every:
             logprobs = [
                 [None if (i + j) % self.nan_every == 0 else v for j, v in enumerate(seq)]
