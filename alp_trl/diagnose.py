@@ -75,9 +75,10 @@ def attach_checkpoint_perturbation(model, path: str, sigma: float | None, layers
     return perturbation, f"fixed sigma={perturbation.sigma.flatten()[0].item():g}"
 
 
-@torch.no_grad()
 def completion_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float):
-    """Per-token log-probs (temperature-scaled, like the trainer's) of the completion tokens, `(B, T)`."""
+    """Per-token log-probs (temperature-scaled, like the trainer's) of the completion tokens, `(B, T)`.
+
+    Differentiable: wrap it in `torch.no_grad()` when only the values are needed."""
     ids = torch.cat([prompt_ids, completion_ids], 1)
     mask = torch.cat([prompt_mask, completion_mask], 1)
     logits = model(input_ids=ids, attention_mask=mask).logits[:, prompt_ids.size(1) - 1 : -1].float()
@@ -168,14 +169,6 @@ def plot_envelopes(panels: dict[str, dict[str, list[dict]]], path: str, title: s
     plt.close(fig)
 
 
-def _logps_with_grad(model, batch, temperature):
-    prompt_ids, prompt_mask, completion, completion_mask, _ = batch
-    ids = torch.cat([prompt_ids, completion], 1)
-    mask = torch.cat([prompt_mask, completion_mask], 1)
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, prompt_ids.size(1) - 1 : -1].float()
-    return torch.log_softmax(logits / temperature, -1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)
-
-
 def one_update(model, perturbation, batches, advantages, lr: float, temperature: float, perturbed: bool) -> None:
     """One AdamW step on the Bypass (`perturbed=False`) or ALP objective over all rollouts (token-mean, clip 0.2/0.28,
     dual clip 10), like one training step of `ALPGRPOTrainer` with `loss_type="dapo"`."""
@@ -187,7 +180,7 @@ def one_update(model, perturbation, batches, advantages, lr: float, temperature:
     total_tokens = sum(int(b[3].sum()) for b in batches)
     for step, (batch, adv) in enumerate(zip(batches, advantages)):
         with perturbation.active(step=10_000 + step) if perturbed else nullcontext():
-            logps = _logps_with_grad(model, batch, temperature)
+            logps = completion_logps(model, *batch[:4], temperature)
         mask, rollout = batch[3], batch[4]
         log_ratio = importance_log_ratio(logps, rollout, mask, "token", clamp=20.0)
         loss = clipped_surrogate(log_ratio, adv.unsqueeze(1), 0.2, 0.28, dual_clip_c=10.0).per_token_loss
@@ -274,7 +267,7 @@ def main(argv=None) -> dict:
     def policy_logps(perturbed: bool, key: int) -> torch.Tensor:
         parts = []
         for step, (prompt_ids, prompt_mask, completion, completion_mask, _) in enumerate(batches):
-            with perturbation.active(step=key + step) if perturbed else nullcontext():
+            with perturbation.active(step=key + step) if perturbed else nullcontext(), torch.no_grad():
                 parts.append(
                     completion_logps(model, prompt_ids, prompt_mask, completion, completion_mask, args.temperature)
                 )
