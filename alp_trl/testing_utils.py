@@ -223,3 +223,48 @@ def attach_fake_vllm(trainer, logit_noise: float = 0.5, nan_every: int = 0) -> F
     trainer.use_vllm = True
     trainer._last_loaded_step = -1
     return engine
+
+
+def emulate_fsdp_on_cpu() -> None:
+    """Tests only: let accelerate take its FSDP2 code path in CPU processes (gloo).
+
+    accelerate turns `distributed_type: FSDP` on only for accelerator devices, while FSDP2's `fully_shard` itself runs
+    on CPU. Call this before the `Accelerator` is built, in processes started by `accelerate launch --config_file
+    accelerate_configs/fsdp.yaml`: the process group is created on gloo, the accelerator state is switched to FSDP with
+    the plugin accelerate built from the launcher's environment (collectives of `PartialState` stay on the CPU
+    paths), and transformers' "bf16 needs a GPU" check is lifted so that the config's bf16 mixed precision is used.
+    Nothing here touches a model class; the real `fsdp2_prepare_model`, FSDP2 mixed precision, gradient clipping of
+    DTensors and `FULL_STATE_DICT` saving all run.
+    """
+    import os
+
+    import accelerate.state
+    import torch.distributed as dist
+    import transformers.training_args
+    from accelerate.utils import DistributedType
+
+    os.environ["ACCELERATE_USE_CPU"] = "true"  # rank / world size from the launcher, gloo collectives
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+    state_class = accelerate.state.AcceleratorState
+    if getattr(state_class, "_alp_fsdp_on_cpu", False):
+        return
+    original_init = state_class.__init__
+    plugin_holder = {}
+
+    def init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        plugin = kwargs.get("fsdp_plugin") or plugin_holder.get("plugin")
+        if plugin is None:
+            return
+        if "plugin" not in plugin_holder:
+            plugin_holder["plugin"] = plugin
+            if self._mixed_precision != "no":
+                plugin.set_mixed_precision(self._mixed_precision)
+        # AcceleratorState re-reads PartialState's fields on every construction: re-apply each time
+        self.distributed_type = DistributedType.FSDP
+        self.fsdp_plugin = plugin
+
+    state_class.__init__ = init
+    state_class._alp_fsdp_on_cpu = True
+    transformers.training_args.is_torch_bf16_gpu_available = lambda *args, **kwargs: True

@@ -1,6 +1,7 @@
 """Two CPU processes (gloo) train ALP: sigma and weights stay identical across ranks, the noise differs per rank."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -34,3 +35,77 @@ def test_two_process_training_keeps_sigma_in_sync_and_noise_per_rank(tmp_path):
     assert ranks[0]["sigma_moved"] and ranks[0]["sigma"] == ranks[1]["sigma"], "sigma is synchronised"
     assert ranks[0]["weight_checksum"] == ranks[1]["weight_checksum"], "weights are synchronised"
     assert ranks[0]["eps"] != ranks[1]["eps"], "each rank draws its own noise"
+
+
+@pytest.mark.slow
+def test_fsdp2_two_process_training_shards_sigma_and_saves_it_whole(tmp_path, _base_models, tokenizer):
+    """`accelerate_configs/fsdp.yaml` with 2 CPU processes: accelerate's real FSDP2 path (fully_shard, bf16 mixed
+    precision, DTensor gradient clipping, FULL_STATE_DICT saving) around the `alp_trl.train` entry point."""
+    import yaml
+    from safetensors.torch import load_file
+
+    model_dir = tmp_path / "tiny-qwen2"
+    _base_models["qwen2"].save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "run"
+    recipe = {
+        "model_name_or_path": str(model_dir),
+        "dataset_name": "builtin:arithmetic",
+        "max_train_samples": 64,
+        "reward_funcs": ["accuracy", "format", "length"],
+        "length_target_chars": 10,
+        "output_dir": str(out),
+        "per_device_train_batch_size": 4,
+        "num_generations": 4,
+        "max_completion_length": 8,
+        "max_steps": 3,
+        "save_strategy": "steps",
+        "save_steps": 3,
+        "logging_steps": 1,
+        "report_to": "none",
+        "bf16": True,
+        "learning_rate": 1e-2,
+        "perturb_sigma_init": 0.05,
+        "perturb_lr": 0.1,
+        "auto_resume": False,
+        "seed": 0,
+    }
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "accelerate_configs" / "fsdp.yaml"),
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        "29534",
+        str(REPO / "tests" / "scripts" / "fsdp_cpu_worker.py"),
+        "--config",
+        str(tmp_path / "recipe.yaml"),
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2] and [r["noise_rank"] for r in ranks] == [0, 1]
+    assert all(r["distributed_type"] == "DistributedType.FSDP" for r in ranks)
+    # sigma is one parameter of the root FSDP unit, sharded over the 2 ranks (3 layers: 2 + 1 entries)
+    assert all(r["log_sigma_is_sharded"] for r in ranks)
+    assert sorted(r["log_sigma_local_shape"][0] for r in ranks) == [1, 2]
+    assert ranks[0]["sigma"] == ranks[1]["sigma"], "every rank reads the same whole sigma"
+    assert any(abs(s - 0.05) > 1e-4 for s in ranks[0]["sigma"]), "sigma was trained"
+    assert ranks[0]["first_noise"] != ranks[1]["first_noise"], "each rank draws its own noise"
+    # the final model is saved whole, without sigma; sigma is whole in its side file, equal to the trained values
+    weights = load_file(out / "model.safetensors")
+    assert not any("alp_perturbation" in key or "log_sigma" in key for key in weights)
+    assert weights["model.embed_tokens.weight"].shape[0] == len(tokenizer)
+    side = load_file(out / "alp_perturbation.safetensors")
+    saved_sigma = next(iter(side.values())).float().exp().tolist()
+    assert saved_sigma == pytest.approx(ranks[0]["sigma"], rel=1e-6)
+    assert (out / "checkpoint-3" / "alp_perturbation.safetensors").exists()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "alp/sigma_mean" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3], "one metrics line per step, written by the main process only"
+    assert all(math.isfinite(r["grad_norm"]) for r in steps)
