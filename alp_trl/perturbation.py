@@ -335,12 +335,12 @@ class LayerwisePerturbation(nn.Module):
 
     @property
     def sigma(self) -> torch.Tensor:
-        """Current sigma of every slot (detached), `(num_slots,)` or `(num_slots, hidden_size)`."""
-        return _full(self.log_sigma).detach().exp()
+        """Current sigma of every slot (detached, float32), `(num_slots,)` or `(num_slots, hidden_size)`."""
+        return _full(self.log_sigma).detach().float().exp()
 
     def sigma_per_layer(self, log_sigma: torch.Tensor | None = None) -> dict[int, float]:
         """Mean sigma of each perturbed layer id (the mean over channels for `sigma_shape="channel"`)."""
-        sigma = (self.sigma if log_sigma is None else log_sigma.detach().exp()).float()
+        sigma = self.sigma if log_sigma is None else log_sigma.detach().float().exp()
         values = sigma if sigma.dim() == 1 else sigma.mean(-1)
         return {layer: float(v) for layer, v in zip(self.layer_ids, values.tolist())}
 

@@ -225,16 +225,22 @@ def attach_fake_vllm(trainer, logit_noise: float = 0.5, nan_every: int = 0) -> F
     return engine
 
 
-def emulate_fsdp_on_cpu() -> None:
-    """Tests only: let accelerate take its FSDP2 code path in CPU processes (gloo).
+def emulate_sharded_launch_on_cpu() -> str:
+    """Tests only: let accelerate take its FSDP2 or DeepSpeed code path in CPU processes (gloo).
 
-    accelerate turns `distributed_type: FSDP` on only for accelerator devices, while FSDP2's `fully_shard` itself runs
-    on CPU. Call this before the `Accelerator` is built, in processes started by `accelerate launch --config_file
-    accelerate_configs/fsdp.yaml`: the process group is created on gloo, the accelerator state is switched to FSDP with
-    the plugin accelerate built from the launcher's environment (collectives of `PartialState` stay on the CPU
-    paths), and transformers' "bf16 needs a GPU" check is lifted so that the config's bf16 mixed precision is used.
-    Nothing here touches a model class; the real `fsdp2_prepare_model`, FSDP2 mixed precision, gradient clipping of
-    DTensors and `FULL_STATE_DICT` saving all run.
+    Call this first thing in a process started by `accelerate launch --config_file accelerate_configs/{fsdp,zero2,
+    zero3}.yaml` on a machine without a GPU; it returns `"fsdp"`, `"deepspeed"` or `"none"` (from the launcher's
+    environment). accelerate enables FSDP and DeepSpeed only where it finds an accelerator device, while FSDP2's
+    `fully_shard` and DeepSpeed's ZeRO (with its CPU accelerator) run on CPU over gloo. So:
+
+    - FSDP: the processes run as accelerate's multi-CPU data parallel (gloo), and the accelerator state is switched to
+      FSDP with the plugin accelerate built from the launcher's environment;
+    - DeepSpeed: where accelerate finds no device backend for a launched process, it is given gloo, so that it counts
+      the ranks and DeepSpeed initialises its own process group on it;
+    - both: transformers' "bf16 needs a GPU" check is lifted, so that the configs' bf16 mixed precision is used.
+
+    Nothing here touches a model class: the real `fsdp2_prepare_model` / `deepspeed.initialize`, mixed precision,
+    gradient clipping, ZeRO-3 parameter gathering and the configs' saving paths all run.
     """
     import os
 
@@ -243,12 +249,29 @@ def emulate_fsdp_on_cpu() -> None:
     import transformers.training_args
     from accelerate.utils import DistributedType
 
+    transformers.training_args.is_torch_bf16_gpu_available = lambda *args, **kwargs: True
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        partial_state = accelerate.state.PartialState
+        if not getattr(partial_state, "_alp_on_cpu", False):
+            original_prepare_backend = partial_state._prepare_backend
+
+            def prepare_backend(self, cpu=False, sagemaker_dp=False, backend=None):
+                backend, distributed_type = original_prepare_backend(self, cpu, sagemaker_dp, backend)
+                if backend is None and not cpu and int(os.environ.get("LOCAL_RANK", -1)) != -1:
+                    return "gloo", DistributedType.MULTI_CPU  # DeepSpeed takes over the type once it is initialised
+                return backend, distributed_type
+
+            partial_state._prepare_backend = prepare_backend
+            partial_state._alp_on_cpu = True
+        return "deepspeed"
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return "none"
     os.environ["ACCELERATE_USE_CPU"] = "true"  # rank / world size from the launcher, gloo collectives
     if not dist.is_initialized():
         dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
     state_class = accelerate.state.AcceleratorState
-    if getattr(state_class, "_alp_fsdp_on_cpu", False):
-        return
+    if getattr(state_class, "_alp_on_cpu", False):
+        return "fsdp"
     original_init = state_class.__init__
     plugin_holder = {}
 
@@ -266,5 +289,5 @@ def emulate_fsdp_on_cpu() -> None:
         self.fsdp_plugin = plugin
 
     state_class.__init__ = init
-    state_class._alp_fsdp_on_cpu = True
-    transformers.training_args.is_torch_bf16_gpu_available = lambda *args, **kwargs: True
+    state_class._alp_on_cpu = True
+    return "fsdp"

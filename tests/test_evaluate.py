@@ -97,3 +97,13 @@ def test_in_training_avg_at_k_is_logged(make_model, tokenizer, prompt_dataset, t
     trainer.train()
     logged = [r for r in trainer.state.log_history if "eval/avg@2" in r]
     assert len(logged) == 2 and all(0.0 <= r["eval/pass@2"] <= 1.0 for r in logged)
+
+
+@pytest.mark.parametrize("num_items, world_size", [(3, 2), (4, 2), (5, 3), (2, 4), (7, 1)])
+def test_problems_are_dealt_out_evenly_over_ranks(num_items, world_size):
+    from alp_trl.callbacks import rank_share
+
+    shares = [rank_share(num_items, rank, world_size) for rank in range(world_size)]
+    assert len({len(share) for share in shares}) == 1, "every rank runs the same number of generations"
+    real = sorted(i for share in shares for i in share if i < num_items)
+    assert real == list(range(num_items)), "each problem is graded exactly once"
