@@ -404,7 +404,9 @@ class ALPGRPOTrainer(GRPOTrainer):
             self.perturbation.save(output_dir, log_sigma)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        if self.perturbation is None:
+        if self.perturbation is None or self.is_fsdp_enabled:
+            # FSDP checkpoints (accelerate's `pytorch_model_fsdp.bin` / sharded folder) hold the whole wrapped model,
+            # sigma included, and are loaded with the same key set they were saved with: sigma comes back natively.
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         with self.perturbation.unregistered():
             super()._load_from_checkpoint(resume_from_checkpoint, model)

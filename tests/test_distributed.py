@@ -52,51 +52,14 @@ SHARDED_CONFIGS = {
 }
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("config", sorted(SHARDED_CONFIGS))
-def test_sharded_two_process_training_of_each_accelerate_config(tmp_path, _base_models, tokenizer, config):
-    """`accelerate launch --config_file accelerate_configs/<config>` with 2 CPU processes runs accelerate's real FSDP2 /
-    DeepSpeed path (sharding, bf16 mixed precision, gradient clipping, saving) around the `alp_trl.train` entry point:
-    sigma is trained, partitioned as the config says, read whole and identical on every rank, saved whole in its side
-    file and never in the weights; each rank draws its own noise; in-training avg@k runs on both ranks."""
+def _launch_sharded(config: str, recipe: dict, tmp_path: Path) -> tuple[Path, list[dict], list[dict]]:
+    """Run tests/scripts/sharded_cpu_worker.py on 2 CPU processes with an accelerate config; returns the output
+    folder, what each rank recorded, and the per-step metrics lines."""
     import yaml
-    from safetensors.torch import load_file
 
-    if config.startswith("zero"):
-        pytest.importorskip("deepspeed")
-    distributed_type, kind = SHARDED_CONFIGS[config]
-    model_dir = tmp_path / "tiny-qwen2"
-    _base_models["qwen2"].save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    out = tmp_path / "run"
-    recipe = {
-        "model_name_or_path": str(model_dir),
-        "dataset_name": "builtin:arithmetic",
-        "max_train_samples": 64,
-        "reward_funcs": ["accuracy", "format", "length"],
-        "length_target_chars": 10,
-        "output_dir": str(out),
-        "per_device_train_batch_size": 4,
-        "num_generations": 4,
-        "max_completion_length": 8,
-        "max_steps": 3,
-        "save_strategy": "steps",
-        "save_steps": 3,
-        "logging_steps": 1,
-        "report_to": "none",
-        "bf16": True,
-        "learning_rate": 1e-2,
-        "perturb_sigma_init": 0.05,
-        "perturb_lr": 0.1,
-        "auto_resume": False,
-        "seed": 0,
-        # in-training avg@k: generation is a collective under FSDP2 / ZeRO-3, so every rank must take part
-        "avg_at_k_steps": 1,
-        "avg_at_k_limit": 3,
-        "avg_at_k_k": 2,
-        "avg_at_k_max_new_tokens": 4,
-    }
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    out = Path(recipe["output_dir"])
+    path = tmp_path / f"recipe-{out.name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
     command = [
         sys.executable,
         "-m",
@@ -109,12 +72,61 @@ def test_sharded_two_process_training_of_each_accelerate_config(tmp_path, _base_
         "29534",
         str(REPO / "tests" / "scripts" / "sharded_cpu_worker.py"),
         "--config",
-        str(tmp_path / "recipe.yaml"),
+        str(path),
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
     assert result.returncode == 0, _first_failure(result)
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return out, ranks, [r for r in records if "alp/sigma_mean" in r]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", sorted(SHARDED_CONFIGS))
+def test_sharded_two_process_training_of_each_accelerate_config(tmp_path, _base_models, tokenizer, config):
+    """`accelerate launch --config_file accelerate_configs/<config>` with 2 CPU processes runs accelerate's real FSDP2 /
+    DeepSpeed path (sharding, bf16 mixed precision, gradient clipping, saving, resuming) around the `alp_trl.train`
+    entry point: sigma is trained, partitioned as the config says, read whole and identical on every rank, saved whole
+    in its side file and never in the weights; each rank draws its own noise; in-training avg@k runs on both ranks; a
+    run resumed from its step-2 checkpoint ends exactly where the uninterrupted run does."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    if config.startswith("zero"):
+        pytest.importorskip("deepspeed")
+    distributed_type, kind = SHARDED_CONFIGS[config]
+    model_dir = tmp_path / "tiny-qwen2"
+    _base_models["qwen2"].save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    recipe = {
+        "model_name_or_path": str(model_dir),
+        "dataset_name": "builtin:arithmetic",
+        "max_train_samples": 64,
+        "reward_funcs": ["accuracy", "format", "length"],
+        "length_target_chars": 10,
+        "output_dir": str(tmp_path / "run"),
+        "per_device_train_batch_size": 4,
+        "num_generations": 4,
+        "max_completion_length": 8,
+        "max_steps": 4,
+        "save_strategy": "steps",
+        "save_steps": 2,
+        "logging_steps": 1,
+        "report_to": "none",
+        "bf16": True,
+        "learning_rate": 1e-2,
+        "perturb_sigma_init": 0.05,
+        "perturb_lr": 0.1,
+        "seed": 0,
+        # in-training avg@k: generation is a collective under FSDP2 / ZeRO-3, so every rank must take part
+        "avg_at_k_steps": 1,
+        "avg_at_k_limit": 3,
+        "avg_at_k_k": 2,
+        "avg_at_k_max_new_tokens": 4,
+    }
+    out, ranks, steps = _launch_sharded(config, recipe, tmp_path)
     assert [r["world_size"] for r in ranks] == [2, 2] and [r["noise_rank"] for r in ranks] == [0, 1]
     assert [r["distributed_type"] for r in ranks] == [distributed_type] * 2
     assert [r["partition"]["kind"] for r in ranks] == [kind] * 2
@@ -131,9 +143,19 @@ def test_sharded_two_process_training_of_each_accelerate_config(tmp_path, _base_
     side = load_file(out / "alp_perturbation.safetensors")
     saved_sigma = next(iter(side.values())).float().exp().tolist()
     assert saved_sigma == pytest.approx(ranks[0]["sigma"], rel=1e-6)
-    assert (out / "checkpoint-3" / "alp_perturbation.safetensors").exists()
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in records if "alp/sigma_mean" in r]
-    assert [r["step"] for r in steps] == [1, 2, 3], "one metrics line per step, written by the main process only"
+    assert (out / "checkpoint-2" / "alp_perturbation.safetensors").exists()
+    assert [r["step"] for r in steps] == [1, 2, 3, 4], "one metrics line per step, written by the main process only"
     assert all(math.isfinite(r["grad_norm"]) for r in steps)
     assert all(0.0 <= r["eval/avg@2"] <= r["eval/pass@2"] <= 1.0 for r in steps), "avg@k evaluated on both ranks"
+    assert steps[3]["alp/sigma_mean"] != steps[1]["alp/sigma_mean"], "steps 3-4 update sigma (resume is tested)"
+
+    # interrupted after the step-2 checkpoint: the same recipe resumes from it and ends where the first run ended
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    shutil.copytree(out / "checkpoint-2", resumed_dir / "checkpoint-2")
+    shutil.copy(out / "metrics.jsonl", resumed_dir / "metrics.jsonl")
+    _, resumed_ranks, resumed_steps = _launch_sharded(config, {**recipe, "output_dir": str(resumed_dir)}, tmp_path)
+    assert [r["step"] for r in resumed_steps] == [1, 2, 3, 4]
+    for key in ("loss", "alp/sigma_mean", "grad_norm"):
+        assert [r[key] for r in resumed_steps[2:]] == pytest.approx([r[key] for r in steps[2:]], rel=1e-5), key
+    assert resumed_ranks[0]["sigma"] == pytest.approx(ranks[0]["sigma"], rel=1e-6)
