@@ -83,13 +83,18 @@ def _launch_sharded(config: str, recipe: dict, tmp_path: Path) -> tuple[Path, li
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", sorted(SHARDED_CONFIGS))
-def test_sharded_two_process_training_of_each_accelerate_config(tmp_path, _base_models, tokenizer, config):
+@pytest.mark.parametrize(
+    "config, use_peft",
+    [(config, False) for config in sorted(SHARDED_CONFIGS)] + [("fsdp.yaml", True), ("zero3.yaml", True)],
+    ids=lambda value: {True: "lora", False: "full"}.get(value, value),
+)
+def test_sharded_two_process_training_of_each_accelerate_config(tmp_path, _base_models, tokenizer, config, use_peft):
     """`accelerate launch --config_file accelerate_configs/<config>` with 2 CPU processes runs accelerate's real FSDP2 /
     DeepSpeed path (sharding, bf16 mixed precision, gradient clipping, saving, resuming) around the `alp_trl.train`
     entry point: sigma is trained, partitioned as the config says, read whole and identical on every rank, saved whole
     in its side file and never in the weights; each rank draws its own noise; in-training avg@k runs on both ranks; a
-    run resumed from its step-2 checkpoint ends exactly where the uninterrupted run does."""
+    run resumed from its step-2 checkpoint ends exactly where the uninterrupted run does. With LoRA, the same with
+    the adapter in place of the model."""
     import shutil
 
     from safetensors.torch import load_file
@@ -126,6 +131,8 @@ def test_sharded_two_process_training_of_each_accelerate_config(tmp_path, _base_
         "avg_at_k_k": 2,
         "avg_at_k_max_new_tokens": 4,
     }
+    if use_peft:
+        recipe.update(use_peft=True, lora_r=4, lora_alpha=8, lora_target_modules=["q_proj", "v_proj"])
     out, ranks, steps = _launch_sharded(config, recipe, tmp_path)
     assert [r["world_size"] for r in ranks] == [2, 2] and [r["noise_rank"] for r in ranks] == [0, 1]
     assert [r["distributed_type"] for r in ranks] == [distributed_type] * 2
@@ -137,9 +144,12 @@ def test_sharded_two_process_training_of_each_accelerate_config(tmp_path, _base_
     assert any(abs(s - 0.05) > 1e-3 for s in ranks[0]["sigma"]), "sigma was trained"
     assert ranks[0]["first_noise"] != ranks[1]["first_noise"], "each rank draws its own noise"
     # the final model is saved whole, without sigma; sigma is whole in its side file, equal to the trained values
-    weights = load_file(out / "model.safetensors")
+    weights = load_file(out / ("adapter_model.safetensors" if use_peft else "model.safetensors"))
     assert not any("alp_perturbation" in key or "log_sigma" in key for key in weights)
-    assert weights["model.embed_tokens.weight"].shape[0] == len(tokenizer)
+    if use_peft:
+        assert weights and all("lora_" in key for key in weights), "only the adapter is saved"
+    else:
+        assert weights["model.embed_tokens.weight"].shape[0] == len(tokenizer)
     side = load_file(out / "alp_perturbation.safetensors")
     saved_sigma = next(iter(side.values())).float().exp().tolist()
     assert saved_sigma == pytest.approx(ranks[0]["sigma"], rel=1e-6)
