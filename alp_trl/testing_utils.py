@@ -225,19 +225,21 @@ def attach_fake_vllm(trainer, logit_noise: float = 0.5, nan_every: int = 0) -> F
     return engine
 
 
-def emulate_sharded_launch_on_cpu() -> str:
-    """Tests only: let accelerate take its FSDP2 or DeepSpeed code path in CPU processes (gloo).
+def emulate_gpu_launch_on_cpu() -> str:
+    """Tests only: let accelerate take its DDP, FSDP2 or DeepSpeed code path in CPU processes (gloo).
 
     Call this first thing in a process started by `accelerate launch --config_file accelerate_configs/{fsdp,zero2,
-    zero3}.yaml` on a machine without a GPU; it returns `"fsdp"`, `"deepspeed"` or `"none"` (from the launcher's
+    zero3,ddp}.yaml` on a machine without a GPU; it returns `"fsdp"`, `"deepspeed"` or `"ddp"` (from the launcher's
     environment). accelerate enables FSDP and DeepSpeed only where it finds an accelerator device, while FSDP2's
     `fully_shard` and DeepSpeed's ZeRO (with its CPU accelerator) run on CPU over gloo. So:
 
-    - FSDP: the processes run as accelerate's multi-CPU data parallel (gloo), and the accelerator state is switched to
-      FSDP with the plugin accelerate built from the launcher's environment;
+    - DDP: the processes run as accelerate's multi-CPU data parallel (DDP over gloo) instead of finding no GPU and
+      training alone;
+    - FSDP: the same, and the accelerator state is switched to FSDP with the plugin accelerate built from the
+      launcher's environment;
     - DeepSpeed: where accelerate finds no device backend for a launched process, it is given gloo, so that it counts
       the ranks and DeepSpeed initialises its own process group on it;
-    - both: transformers' "bf16 needs a GPU" check is lifted, so that the configs' bf16 mixed precision is used.
+    - all: transformers' "bf16 needs a GPU" check is lifted, so that the configs' bf16 mixed precision is used.
 
     Nothing here touches a model class: the real `fsdp2_prepare_model` / `deepspeed.initialize`, mixed precision,
     gradient clipping, ZeRO-3 parameter gathering and the configs' saving paths all run.
@@ -264,9 +266,9 @@ def emulate_sharded_launch_on_cpu() -> str:
             partial_state._prepare_backend = prepare_backend
             partial_state._alp_on_cpu = True
         return "deepspeed"
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
-        return "none"
     os.environ["ACCELERATE_USE_CPU"] = "true"  # rank / world size from the launcher, gloo collectives
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return "ddp"  # a multi-GPU config: accelerate's multi-CPU data parallel is the same DDP wrapper over gloo
     if not dist.is_initialized():
         dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
     state_class = accelerate.state.AcceleratorState

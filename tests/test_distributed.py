@@ -44,16 +44,17 @@ def _first_failure(result) -> str:
     return text[start : start + 6000] if start >= 0 else text[-6000:]
 
 
-SHARDED_CONFIGS = {
+LAUNCH_CONFIGS = {
     # config: (accelerate distributed type, how sigma's parameter is held on each of the 2 ranks)
+    "ddp.yaml": ("MULTI_CPU", "replicated"),  # DDP over gloo: accelerate's multi-CPU type
     "fsdp.yaml": ("FSDP", "dtensor"),
     "zero2.yaml": ("DEEPSPEED", "replicated"),
     "zero3.yaml": ("DEEPSPEED", "zero3"),
 }
 
 
-def _launch_sharded(config: str, recipe: dict, tmp_path: Path) -> tuple[Path, list[dict], list[dict]]:
-    """Run tests/scripts/sharded_cpu_worker.py on 2 CPU processes with an accelerate config; returns the output
+def _launch_on_cpu(config: str, recipe: dict, tmp_path: Path) -> tuple[Path, list[dict], list[dict]]:
+    """Run tests/scripts/launch_cpu_worker.py on 2 CPU processes with an accelerate config; returns the output
     folder, what each rank recorded, and the per-step metrics lines."""
     import yaml
 
@@ -70,7 +71,7 @@ def _launch_sharded(config: str, recipe: dict, tmp_path: Path) -> tuple[Path, li
         "2",
         "--main_process_port",
         "29534",
-        str(REPO / "tests" / "scripts" / "sharded_cpu_worker.py"),
+        str(REPO / "tests" / "scripts" / "launch_cpu_worker.py"),
         "--config",
         str(path),
     ]
@@ -85,12 +86,12 @@ def _launch_sharded(config: str, recipe: dict, tmp_path: Path) -> tuple[Path, li
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "config, use_peft",
-    [(config, False) for config in sorted(SHARDED_CONFIGS)] + [("fsdp.yaml", True), ("zero3.yaml", True)],
+    [(config, False) for config in sorted(LAUNCH_CONFIGS)] + [("fsdp.yaml", True), ("zero3.yaml", True)],
     ids=lambda value: {True: "lora", False: "full"}.get(value, value),
 )
-def test_sharded_two_process_training_of_each_accelerate_config(tmp_path, _base_models, tokenizer, config, use_peft):
-    """`accelerate launch --config_file accelerate_configs/<config>` with 2 CPU processes runs accelerate's real FSDP2 /
-    DeepSpeed path (sharding, bf16 mixed precision, gradient clipping, saving, resuming) around the `alp_trl.train`
+def test_two_process_launch_of_each_accelerate_config(tmp_path, _base_models, tokenizer, config, use_peft):
+    """`accelerate launch --config_file accelerate_configs/<config>` with 2 CPU processes runs accelerate's real DDP /
+    FSDP2 / DeepSpeed path (sharding, bf16 mixed precision, gradient clipping, saving, resuming) around the `alp_trl.train`
     entry point: sigma is trained, partitioned as the config says, read whole and identical on every rank, saved whole
     in its side file and never in the weights; each rank draws its own noise; in-training avg@k runs on both ranks; a
     run resumed from its step-2 checkpoint ends exactly where the uninterrupted run does. With LoRA, the same with
@@ -101,7 +102,7 @@ def test_sharded_two_process_training_of_each_accelerate_config(tmp_path, _base_
 
     if config.startswith("zero"):
         pytest.importorskip("deepspeed")
-    distributed_type, kind = SHARDED_CONFIGS[config]
+    distributed_type, kind = LAUNCH_CONFIGS[config]
     model_dir = tmp_path / "tiny-qwen2"
     _base_models["qwen2"].save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
@@ -133,7 +134,7 @@ def test_sharded_two_process_training_of_each_accelerate_config(tmp_path, _base_
     }
     if use_peft:
         recipe.update(use_peft=True, lora_r=4, lora_alpha=8, lora_target_modules=["q_proj", "v_proj"])
-    out, ranks, steps = _launch_sharded(config, recipe, tmp_path)
+    out, ranks, steps = _launch_on_cpu(config, recipe, tmp_path)
     assert [r["world_size"] for r in ranks] == [2, 2] and [r["noise_rank"] for r in ranks] == [0, 1]
     assert [r["distributed_type"] for r in ranks] == [distributed_type] * 2
     assert [r["partition"]["kind"] for r in ranks] == [kind] * 2
@@ -164,7 +165,7 @@ def test_sharded_two_process_training_of_each_accelerate_config(tmp_path, _base_
     resumed_dir.mkdir()
     shutil.copytree(out / "checkpoint-2", resumed_dir / "checkpoint-2")
     shutil.copy(out / "metrics.jsonl", resumed_dir / "metrics.jsonl")
-    _, resumed_ranks, resumed_steps = _launch_sharded(config, {**recipe, "output_dir": str(resumed_dir)}, tmp_path)
+    _, resumed_ranks, resumed_steps = _launch_on_cpu(config, {**recipe, "output_dir": str(resumed_dir)}, tmp_path)
     assert [r["step"] for r in resumed_steps] == [1, 2, 3, 4]
     for key in ("loss", "alp/sigma_mean", "grad_norm"):
         assert [r[key] for r in resumed_steps[2:]] == pytest.approx([r[key] for r in steps[2:]], rel=1e-5), key

@@ -1,16 +1,16 @@
-"""Worker of tests/test_distributed.py's sharded tests, started by `accelerate launch --config_file
-accelerate_configs/{fsdp,zero2,zero3}.yaml` on CPU: runs the `alp_trl.train` entry point under accelerate's FSDP2 or
-DeepSpeed path, then writes what each rank holds (sigma, how its parameter is partitioned, the first noise it added)
-to `<output_dir>/rank<r>.json`."""
+"""Worker of tests/test_distributed.py's launch tests, started by `accelerate launch --config_file
+accelerate_configs/{ddp,fsdp,zero2,zero3}.yaml` on CPU: runs the `alp_trl.train` entry point under accelerate's DDP,
+FSDP2 or DeepSpeed path, then writes what each rank holds (sigma, how its parameter is partitioned, the first noise
+it added) to `<output_dir>/rank<r>.json`."""
 
 import json
 import os
 import sys
 
-from alp_trl.testing_utils import emulate_sharded_launch_on_cpu
+from alp_trl.testing_utils import emulate_gpu_launch_on_cpu
 
 
-BACKEND = emulate_sharded_launch_on_cpu()
+BACKEND = emulate_gpu_launch_on_cpu()
 
 from alp_trl import ALPGRPOTrainer  # noqa: E402
 from alp_trl.train import main  # noqa: E402
