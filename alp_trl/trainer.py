@@ -49,6 +49,16 @@ _FORWARD_KWARG_KEYS = (
 )
 
 
+def _per_sequence_mean(flags: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Fraction of each completion's tokens that a `(B, T)` flag marks, `(B,)`."""
+    return (flags.detach().float() * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+
+
+def _sequence_flag(flags: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`(B, 1)`: whether a `(B, T)` flag marks any completion token of each sequence."""
+    return (flags.bool() & mask.bool()).any(-1, keepdim=True)
+
+
 class ALPGRPOTrainer(GRPOTrainer):
     """
     [`~trl.GRPOTrainer`] with Adaptive Layerwise Perturbation (ALP) and the off-policy baselines of the ALP paper.
@@ -336,30 +346,46 @@ class ALPGRPOTrainer(GRPOTrainer):
         """Log the loss metrics with one reduction and one gather (each extra GPU sync would stall the step)."""
         metrics = self._metrics[mode]
         low, high, dual = surrogate.low_clipped, surrogate.high_clipped, surrogate.dual_clipped
-        token_means = {
-            "entropy": entropies,
+        flags = {
             "clip_ratio/low_mean": low,
             "clip_ratio/high_mean": high,
             "clip_ratio/region_mean": low | high,
             "alp/dual_clip_frac": dual,
             "alp/clip_frac": low | high | dual,
-            **extra,
         }
+        if self.importance_sampling_level == "sequence":  # a sequence's flags are the same on all its tokens
+            flags = {name: _sequence_flag(value, mask) for name, value in flags.items()}
         if weight is not None:
             tis = self.args.off_policy_correction == "tis"
             hit = weight >= self.args.mis_threshold if tis else weight == 0
-            token_means["alp/tis_truncated_frac" if tis else "alp/mis_masked_frac"] = hit
+            if self.args.off_policy_correction == "seq_mis":
+                hit = _sequence_flag(hit, mask)
+            flags["alp/tis_truncated_frac" if tis else "alp/mis_masked_frac"] = hit
+        token_means = {"entropy": entropies, **flags, **extra}
+        # A per-sequence value (shape (B, 1): sequence-level clipping / MIS flags) is a fraction of sequences, as in
+        # TRL's GRPO; a per-token value a fraction of completion tokens.
         mask_f = mask.float()
-        sums = [(value.detach().float().expand_as(mask_f) * mask_f).sum() for value in token_means.values()]
-        totals = self.accelerator.reduce(torch.stack([*sums, mask_f.sum()]), reduction="sum").tolist()
-        for name, total in zip(token_means, totals[:-1]):
-            metrics[name].append(total / max(totals[-1], 1.0))
+        seq_mask = (mask_f.sum(-1, keepdim=True) > 0).float()
+        sums, per_sequence = [], []
+        for value in token_means.values():
+            value = value.detach().float()
+            per_sequence.append(value.dim() == 2 and value.size(-1) == 1 and mask_f.size(-1) > 1)
+            sums.append((value * seq_mask).sum() if per_sequence[-1] else (value.expand_as(mask_f) * mask_f).sum())
+        totals = self.accelerator.reduce(torch.stack([*sums, mask_f.sum(), seq_mask.sum()]), reduction="sum")
+        *totals, num_tokens, num_sequences = totals.tolist()
+        for name, total, sequence in zip(token_means, totals, per_sequence):
+            metrics[name].append(total / max(num_sequences if sequence else num_tokens, 1.0))
 
         # Token-level train-vs-rollout statistics (the train side is the perturbed policy under ALP).
         stats = ratio_statistics(per_token_logps.detach() - rollout_logps, mask)
-        keys = ("ratio_p50", "ratio_p99", "ratio_max", "log_ratio_abs_max", "kl_k3")
+        # TRL's per-sequence extremes of the clip fractions: the least low-clipped and the most high-clipped sequence
+        stats["low_min"] = _per_sequence_mean(low, mask_f).min()
+        stats["high_max"] = _per_sequence_mean(high, mask_f).max()
+        keys = ("ratio_p50", "ratio_p99", "ratio_max", "log_ratio_abs_max", "kl_k3", "low_min", "high_max")
         gathered = self.accelerator.gather(torch.stack([stats[k] for k in keys]).unsqueeze(0)).view(-1, len(keys))
         means, maxima = gathered.mean(0).tolist(), gathered.max(0).values.tolist()
+        metrics["clip_ratio/low_min"].append(gathered[:, 5].min().item())
+        metrics["clip_ratio/high_max"].append(maxima[6])
         metrics["alp/ratio/p50"].append(means[0])
         metrics["alp/ratio/p99"].append(means[1])
         metrics["alp/ratio/max"].append(maxima[2])

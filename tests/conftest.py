@@ -91,3 +91,29 @@ def alp_trainer(model, tokenizer, dataset, args, **kwargs):
 
 def named_params(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def accelerate_launch(config: str, target: list[str], cwd, num_processes: int | None = None, timeout: int = 900):
+    """Run `accelerate launch --config_file accelerate_configs/<config> [--num_processes N] <target...>` offline from
+    `cwd` and assert it succeeded, showing the first traceback a worker printed if it did not."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(repo / "accelerate_configs" / config),
+    ]
+    if num_processes is not None:
+        command += ["--num_processes", str(num_processes), "--main_process_port", "29534"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command + target, capture_output=True, text=True, env=env, timeout=timeout, cwd=cwd)
+    if result.returncode != 0:
+        text = result.stderr + result.stdout  # the launcher's own summary comes last and says little
+        start = text.find("Traceback")
+        pytest.fail(text[start : start + 6000] if start >= 0 else text[-6000:])
+    return result

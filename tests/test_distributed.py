@@ -1,4 +1,5 @@
-"""Two CPU processes (gloo) train ALP: sigma and weights stay identical across ranks, the noise differs per rank."""
+"""Two CPU processes (gloo) train ALP under torchrun and under `accelerate launch` with every accelerate config: sigma
+stays identical across ranks, the noise differs per rank, sharded sigma is saved whole and resumes exactly."""
 
 import json
 import math
@@ -8,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from .conftest import accelerate_launch
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,13 +40,6 @@ def test_two_process_training_keeps_sigma_in_sync_and_noise_per_rank(tmp_path):
     assert ranks[0]["eps"] != ranks[1]["eps"], "each rank draws its own noise"
 
 
-def _first_failure(result) -> str:
-    """The first traceback a launched worker printed (the launcher's own summary comes last and says little)."""
-    text = result.stderr + result.stdout
-    start = text.find("Traceback")
-    return text[start : start + 6000] if start >= 0 else text[-6000:]
-
-
 LAUNCH_CONFIGS = {
     # config: (accelerate distributed type, how sigma's parameter is held on each of the 2 ranks)
     "ddp.yaml": ("MULTI_CPU", "replicated"),  # DDP over gloo: accelerate's multi-CPU type
@@ -61,23 +57,9 @@ def _launch_on_cpu(config: str, recipe: dict, tmp_path: Path) -> tuple[Path, lis
     out = Path(recipe["output_dir"])
     path = tmp_path / f"recipe-{out.name}.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(REPO / "accelerate_configs" / config),
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        "29534",
-        str(REPO / "tests" / "scripts" / "launch_cpu_worker.py"),
-        "--config",
-        str(path),
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
-    assert result.returncode == 0, _first_failure(result)
+    accelerate_launch(
+        config, [str(REPO / "tests" / "scripts" / "launch_cpu_worker.py"), "--config", str(path)], tmp_path, 2
+    )
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return out, ranks, [r for r in records if "alp/sigma_mean" in r]

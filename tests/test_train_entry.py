@@ -13,6 +13,8 @@ import yaml
 from alp_trl import ALPConfig
 from alp_trl.train import ALPScriptArguments, make_parser, parse_args
 
+from .conftest import accelerate_launch
+
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted(glob.glob(str(REPO / "recipes" / "**" / "*.yaml"), recursive=True))
@@ -159,20 +161,7 @@ def _run_entry(tmp_path, model_dir, data, extra: dict):
     }
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(REPO / "accelerate_configs" / "cpu.yaml"),
-        "-m",
-        "alp_trl.train",
-        "--config",
-        str(path),
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    accelerate_launch("cpu.yaml", ["-m", "alp_trl.train", "--config", str(path)], tmp_path, timeout=600)
     return tmp_path / "run"
 
 

@@ -105,10 +105,16 @@ def test_zero_sigma_alp_equals_grpo(
     for name, grad in grpo_grads.items():
         torch.testing.assert_close(alp_grads[name], grad, atol=1e-6, rtol=0, msg=name)
     if offset:
-        assert grpo._metrics["train"]["clip_ratio/region_mean"][-1] > 0  # clipping really was exercised
-        if level == "token":  # (at sequence level TRL counts sequences, this package counts tokens)
-            alp_clip = alp._metrics["train"]["clip_ratio/region_mean"][-1]
-            assert alp_clip == pytest.approx(grpo._metrics["train"]["clip_ratio/region_mean"][-1])
+        # clipping really was exercised, and is counted as TRL counts it (tokens, or sequences at sequence level)
+        for key in (
+            "clip_ratio/low_mean",
+            "clip_ratio/high_mean",
+            "clip_ratio/region_mean",
+            "clip_ratio/low_min",
+            "clip_ratio/high_max",
+        ):
+            assert alp._metrics["train"][key][-1] == pytest.approx(grpo._metrics["train"][key][-1]), key
+        assert grpo._metrics["train"]["clip_ratio/region_mean"][-1] > 0
 
 
 def test_positive_sigma_changes_log_probs_and_gets_gradient(make_model, tokenizer, prompt_dataset, train_args):
