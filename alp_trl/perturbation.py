@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import sys
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -126,14 +127,32 @@ def noise_seed(*parts: int) -> int:
     return state & ((1 << 63) - 1)
 
 
-def _full(tensor: torch.Tensor) -> torch.Tensor:
-    """A plain, whole tensor from a parameter that FSDP2 (DTensor) or DeepSpeed ZeRO-3 may have partitioned.
+def deepspeed_fp32_master(tensor: torch.Tensor) -> torch.Tensor | None:
+    """DeepSpeed's whole float32 master copy of a parameter, or None outside DeepSpeed (or before its optimizer exists).
 
-    Under ZeRO-3 this gathers the parameter: a collective, so every rank must call it (the trainer does, when it logs).
+    A collective under ZeRO-1/2/3 (the master copy is partitioned over the ranks): every rank must call it.
+    """
+    if "deepspeed" not in sys.modules:
+        return None
+    if not hasattr(tensor, "ds_id") and getattr(tensor, "_hp_mapping", None) is None:
+        return None
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return safe_get_full_fp32_param(tensor)
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """A plain, whole tensor from a parameter that FSDP2 (DTensor) or DeepSpeed may have partitioned.
+
+    Under DeepSpeed this is the float32 master copy (the module holds sigma in the model's dtype), and reading it is a
+    collective, so every rank must call it (the trainer does, when it logs and saves).
     """
     if hasattr(tensor, "full_tensor"):
         return tensor.full_tensor()
-    if hasattr(tensor, "ds_id"):  # a ZeRO-3 partitioned parameter
+    master = deepspeed_fp32_master(tensor)
+    if master is not None:
+        return master
+    if hasattr(tensor, "ds_id"):  # a ZeRO-3 partitioned parameter, before DeepSpeed's optimizer exists
         import deepspeed
 
         with deepspeed.zero.GatheredParameters([tensor]):

@@ -28,7 +28,7 @@ from .objectives import (
     low_variance_kl,
     rollout_correction_weight,
 )
-from .perturbation import MODULE_NAME, LayerwisePerturbation
+from .perturbation import MODULE_NAME, LayerwisePerturbation, deepspeed_fp32_master
 from .rollout_logprobs import capture_generation_logprobs
 from .rollout_mismatch import simulated_sampler
 
@@ -415,13 +415,25 @@ class ALPGRPOTrainer(GRPOTrainer):
         return self.optimizer
 
     # ----------------------------------------------------------------------------------------------- persistence
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        # Every rank runs this. Under DeepSpeed the module holds sigma in the model's dtype: read the float32 master
+        # copy (a collective) here, so that the side file keeps it rather than the bf16 copy of the state dict.
+        self._log_sigma_to_save = None
+        if self.perturbation is not None and self.is_deepspeed_enabled:
+            self._log_sigma_to_save = deepspeed_fp32_master(self.perturbation.log_sigma)
+        try:
+            return super().save_model(output_dir, _internal_call)
+        finally:
+            self._log_sigma_to_save = None
+
     def _save(self, output_dir: str | None = None, state_dict=None):
         if self.perturbation is None:
             return super()._save(output_dir, state_dict)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        log_sigma = None
+        log_sigma = getattr(self, "_log_sigma_to_save", None)
         if state_dict is not None:  # gathered by DeepSpeed / FSDP on every rank: take sigma from it
-            log_sigma = next((v for k, v in state_dict.items() if k.endswith(f"{MODULE_NAME}.log_sigma")), None)
+            if log_sigma is None:
+                log_sigma = next((v for k, v in state_dict.items() if k.endswith(f"{MODULE_NAME}.log_sigma")), None)
             state_dict = {k: v for k, v in state_dict.items() if MODULE_NAME not in k.split(".")}
         # Save the model without the perturbation submodule, then sigma into its side file.
         with self.perturbation.unregistered():
