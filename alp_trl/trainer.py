@@ -13,7 +13,7 @@ The trainer is a list of "here we differ from GRPOTrainer, because ...":
 
 import logging
 import os
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 from trl import GRPOTrainer
@@ -170,6 +170,31 @@ class ALPGRPOTrainer(GRPOTrainer):
                 return super()._generate(prompts)
         return super()._generate(prompts)
 
+    @contextmanager
+    def _unused_old_logps_skipped(self):
+        """Keep TRL from computing old-policy log-probs that ALP and Bypass never read.
+
+        Their ratio's denominator is the rollout's log-probs, but TRL runs one more no-grad forward pass over the whole
+        generation batch for `old_per_token_logps` whenever generation and optimizer steps are misaligned
+        (`steps_per_generation * num_iterations` does not divide `gradient_accumulation_steps`): in the paper's recipes
+        (16 updates per generation batch) about a quarter of the update's compute. TRL decides this from
+        `args.gradient_accumulation_steps` alone (its only use there), so generation sees args in which the steps are
+        aligned; everything else in them is the same object state.
+        """
+        args = self.args
+        generate_every = args.steps_per_generation * self.num_iterations
+        if args.off_policy_correction not in ("alp", "bypass") or args.gradient_accumulation_steps % generate_every == 0:
+            yield
+            return
+        aligned = object.__new__(type(args))
+        aligned.__dict__.update(args.__dict__)
+        aligned.gradient_accumulation_steps = generate_every
+        self.args = aligned
+        try:
+            yield
+        finally:
+            self.args = args
+
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         if self.use_vllm or self.use_transformers_continuous_batching or not self._records_rollout_logps:
             return super()._generate_single_turn(
@@ -190,7 +215,8 @@ class ALPGRPOTrainer(GRPOTrainer):
         return completion_ids, recorder.logprobs_for(completion_ids)
 
     def _generate_and_score_completions(self, inputs):
-        output = super()._generate_and_score_completions(inputs)
+        with self._unused_old_logps_skipped():
+            output = super()._generate_and_score_completions(inputs)
         if not self._records_rollout_logps:
             return output
         mask = output["completion_mask"]

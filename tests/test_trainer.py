@@ -324,3 +324,38 @@ def test_baseline_losses_are_wired_to_the_objectives(make_model, tokenizer, prom
             assert 0 < (weight == 0).float().mean() < 1  # MIS masks some tokens, not all
     per_token = clipped_surrogate(log_ratio, adv, 0.2, 0.2, dual_clip_c=10.0).per_token_loss * weight
     torch.testing.assert_close(loss, aggregate_loss(per_token, mask, "bnpo"), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("correction, old_logps_used", [("alp", False), ("bypass", False), ("token_mis", True)])
+def test_old_policy_logps_are_computed_only_where_they_are_used(
+    make_model, tokenizer, prompt_dataset, train_args, correction, old_logps_used
+):
+    """Generation every 2 optimizer steps (misaligned): TRL computes old-policy log-probs (one more forward pass over
+    the generation batch); ALP and Bypass never read them, so they are skipped there, and only there."""
+    args = ALPConfig(
+        **{**train_args, "steps_per_generation": 2, "max_steps": 2},
+        off_policy_correction=correction,
+        perturb_sigma_init=0.05,
+    )
+    trainer = alp_trainer(make_model(), tokenizer, prompt_dataset, args)
+    generated, forwards = [], []
+    generate, forward = trainer._generate_and_score_completions, trainer._get_per_token_logps_and_entropies
+
+    def spy_generate(inputs):
+        generated.append(generate(inputs))
+        return generated[-1]
+
+    def spy_forward(*call_args, **call_kwargs):
+        forwards.append(torch.is_grad_enabled())
+        return forward(*call_args, **call_kwargs)
+
+    trainer._generate_and_score_completions, trainer._get_per_token_logps_and_entropies = spy_generate, spy_forward
+    before = named_params(trainer.model)
+    trainer.train()
+    assert len(generated) == 1, "one generation batch for the 2 steps"
+    assert ("old_per_token_logps" in generated[0]) == old_logps_used
+    assert forwards.count(False) == int(old_logps_used), "no-grad forward passes: the old policy's, if used"
+    assert forwards.count(True) == 2, "one training forward per step"
+    assert trainer.args is args and args.gradient_accumulation_steps == 1
+    after = named_params(trainer.model)
+    assert any(not torch.equal(before[name], after[name]) for name in before if "lora" not in name)
