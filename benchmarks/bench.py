@@ -108,6 +108,7 @@ def run_one(args) -> dict:
         use_cpu=not cuda,
         seed=0,
         gradient_checkpointing=args.gradient_checkpointing,
+        steps_per_generation=args.steps_per_generation,
     )
     if variant:
         trainer_cls, config = ALPGRPOTrainer, ALPConfig(**common, **variant)
@@ -170,6 +171,7 @@ def run_one(args) -> dict:
         "dtype": str(dtype),
         "step_seconds": step_seconds,
         "generation_seconds": trainer.generation_seconds,
+        "steps_per_generation": args.steps_per_generation,
         "logprob_forwards_per_step": counts["logprob"] / args.steps,
         "generation_forwards_per_step": counts["generation"] / args.steps,
         "peak_memory_mib": peak,
@@ -184,10 +186,14 @@ def summarize(results: list[dict]) -> dict:
     table = {}
     for r in results:
         entry = table.setdefault(r["model"], {}).setdefault(r["variant"], {"steps": [], "updates": [], "peaks": []})
-        steps = r["step_seconds"][1:] or r["step_seconds"]  # the first step warms up
-        generation = r["generation_seconds"][1:] or r["generation_seconds"]
-        entry["steps"] += steps
-        entry["updates"] += [max(s - g, 0.0) for s, g in zip(steps, generation)]
+        # per generation cycle (one step, or `steps_per_generation` steps sharing one generation batch), the first
+        # cycle dropped (warm-up); a step's time is its cycle's time over the steps in it
+        per = r.get("steps_per_generation", 1)
+        cycles = [sum(r["step_seconds"][i : i + per]) for i in range(0, len(r["step_seconds"]), per)]
+        pairs = list(zip(cycles, r["generation_seconds"]))
+        pairs = pairs[1:] or pairs
+        entry["steps"] += [c / per for c, _ in pairs]
+        entry["updates"] += [max(c - g, 0.0) / per for c, g in pairs]
         entry["peaks"].append(r["peak_memory_mib"])
         entry.update(
             {
@@ -252,6 +258,12 @@ def main(argv=None) -> None:
     parser.add_argument("--num-generations", type=int, default=4)
     parser.add_argument("--completion-length", type=int, default=32)
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument(
+        "--steps-per-generation",
+        type=int,
+        default=1,
+        help="optimizer steps per generation batch; above 1, TRL computes old-policy log-probs for GRPO",
+    )
     parser.add_argument("--cpu", action="store_true", help="stay on the CPU even if a GPU is present")
     parser.add_argument("--workdir", default="/tmp/alp_trl_bench")
     parser.add_argument("--out", default=None, help="write raw results and the summary to this JSON file")
@@ -274,6 +286,8 @@ def main(argv=None) -> None:
             str(args.num_generations),
             "--completion-length",
             str(args.completion_length),
+            "--steps-per-generation",
+            str(args.steps_per_generation),
             "--workdir",
             args.workdir,
         ]
