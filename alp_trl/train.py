@@ -233,8 +233,29 @@ def last_checkpoint(output_dir: str) -> str | None:
     return None
 
 
+def check_distributed_launch(training_args: ALPConfig) -> None:
+    """Exit (status 2) if a launcher started several processes that do not form one distributed run.
+
+    With a GPU config (`ddp.yaml`, ...) on a machine where accelerate finds no GPU, `accelerate launch` still starts
+    `--num_processes` processes, but each one sets itself up alone: N identical runs on the same data, all writing the
+    same output folder. Caught here, before any model is loaded.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and training_args.world_size == 1:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(
+                f"alp_trl.train: error: the launcher started {launched} processes, but they do not form one "
+                "distributed run (accelerate found no GPU for this config), so each would train alone and overwrite "
+                "the others' outputs. On CPUs add `--use_cpu true` (DDP over gloo, with accelerate_configs/ddp.yaml); "
+                "FSDP and DeepSpeed need GPUs; or launch one process.",
+                file=sys.stderr,
+            )
+        raise SystemExit(2)
+
+
 def main(argv=None) -> None:
     script_args, training_args, model_args = parse_args(argv)
+    check_distributed_launch(training_args)
 
     import datasets
     import transformers

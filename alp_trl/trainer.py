@@ -183,7 +183,10 @@ class ALPGRPOTrainer(GRPOTrainer):
         """
         args = self.args
         generate_every = args.steps_per_generation * self.num_iterations
-        if args.off_policy_correction not in ("alp", "bypass") or args.gradient_accumulation_steps % generate_every == 0:
+        if (
+            args.off_policy_correction not in ("alp", "bypass")
+            or args.gradient_accumulation_steps % generate_every == 0
+        ):
             yield
             return
         aligned = object.__new__(type(args))

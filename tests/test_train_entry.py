@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from alp_trl import ALPConfig
@@ -243,3 +244,56 @@ def test_run_killed_with_sigkill_resumes_from_its_last_complete_checkpoint(tmp_p
     train_steps = [s for s in steps if s <= 60]
     assert sorted(set(train_steps)) == list(range(1, 61)), "every step logged once across the kill"
     assert (out / "model.safetensors").exists() and (out / "alp_perturbation.safetensors").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU, ddp.yaml forms a real distributed run")
+def test_processes_that_do_not_form_one_run_are_an_error(tmp_path, tiny_run_assets):
+    """ddp.yaml with 2 processes on a machine without a GPU: two lone runs would overwrite each other; the entry point
+    stops before loading a model and says how to run on CPUs. With `--use_cpu true` the same launch trains as DDP."""
+    import subprocess
+
+    model_dir, data = tiny_run_assets
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "model_name_or_path": str(model_dir),
+                "dataset_name": str(data),
+                "problem_column": "question",
+                "answer_column": "solution",
+                "output_dir": str(tmp_path / "run"),
+                "per_device_train_batch_size": 4,
+                "num_generations": 4,
+                "max_completion_length": 4,
+                "max_steps": 1,
+                "logging_steps": 1,
+                "report_to": "none",
+                "bf16": False,
+            }
+        )
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "accelerate_configs" / "ddp.yaml"),
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        "29535",
+        "-m",
+        "alp_trl.train",
+        "--config",
+        str(recipe),
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert result.returncode != 0
+    assert "do not form one distributed run" in result.stderr and "--use_cpu true" in result.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists(), "stopped before training"
+    accelerate_launch("ddp.yaml", ["-m", "alp_trl.train", "--config", str(recipe), "--use_cpu", "true"], tmp_path, 2)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["num_tokens"] > 0 and len([r for r in records if "loss" in r]) == 1
