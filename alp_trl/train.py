@@ -242,14 +242,15 @@ def check_distributed_launch(training_args: ALPConfig) -> None:
     """
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and training_args.world_size == 1:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(
-                f"alp_trl.train: error: the launcher started {launched} processes, but they do not form one "
-                "distributed run (accelerate found no GPU for this config), so each would train alone and overwrite "
-                "the others' outputs. On CPUs add `--use_cpu true` (DDP over gloo, with accelerate_configs/ddp.yaml); "
-                "FSDP and DeepSpeed need GPUs; or launch one process.",
-                file=sys.stderr,
-            )
+        # every rank says it: the launcher may stop the others as soon as the first one exits
+        print(
+            f"alp_trl.train: error (rank {os.environ.get('RANK', '?')}): the launcher started {launched} processes, "
+            "but they do not form one distributed run (accelerate found no GPU for this config), so each would train "
+            "alone and overwrite the others' outputs. On CPUs add `--use_cpu true` (DDP over gloo, with "
+            "accelerate_configs/ddp.yaml); FSDP and DeepSpeed need GPUs; or launch one process.",
+            file=sys.stderr,
+            flush=True,
+        )
         raise SystemExit(2)
 
 

@@ -93,6 +93,22 @@ def named_params(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+def tiny_recipe(model_dir, output_dir, **overrides) -> dict:
+    """An entry-point recipe for the tiny test model: the math rewards, 4 prompts x 4 completions of 8 tokens."""
+    return {
+        "model_name_or_path": str(model_dir),
+        "reward_funcs": ["accuracy", "format", "length"],
+        "length_target_chars": 10,
+        "output_dir": str(output_dir),
+        "per_device_train_batch_size": 4,
+        "num_generations": 4,
+        "max_completion_length": 8,
+        "logging_steps": 1,
+        "report_to": "none",
+        **overrides,
+    }
+
+
 def accelerate_launch(config: str, target: list[str], cwd, num_processes: int | None = None, timeout: int = 900):
     """Run `accelerate launch --config_file accelerate_configs/<config> [--num_processes N] <target...>` offline from
     `cwd` and assert it succeeded, showing the first traceback a worker printed if it did not."""

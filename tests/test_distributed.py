@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .conftest import accelerate_launch
+from .conftest import accelerate_launch, tiny_recipe
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,32 +89,25 @@ def test_two_process_launch_of_each_accelerate_config(tmp_path, _base_models, to
     model_dir = tmp_path / "tiny-qwen2"
     _base_models["qwen2"].save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
-    recipe = {
-        "model_name_or_path": str(model_dir),
-        "dataset_name": "builtin:arithmetic",
-        "max_train_samples": 64,
-        "reward_funcs": ["accuracy", "format", "length"],
-        "length_target_chars": 10,
-        "output_dir": str(tmp_path / "run"),
-        "per_device_train_batch_size": 4,
-        "num_generations": 4,
-        "max_completion_length": 8,
-        "max_steps": 4,
-        "save_strategy": "steps",
-        "save_steps": 2,
-        "logging_steps": 1,
-        "report_to": "none",
-        "bf16": True,
-        "learning_rate": 1e-2,
-        "perturb_sigma_init": 0.05,
-        "perturb_lr": 0.1,
-        "seed": 0,
+    recipe = tiny_recipe(
+        model_dir,
+        tmp_path / "run",
+        dataset_name="builtin:arithmetic",
+        max_train_samples=64,
+        max_steps=4,
+        save_strategy="steps",
+        save_steps=2,
+        bf16=True,
+        learning_rate=1e-2,
+        perturb_sigma_init=0.05,
+        perturb_lr=0.1,
+        seed=0,
         # in-training avg@k: generation is a collective under FSDP2 / ZeRO-3, so every rank must take part
-        "avg_at_k_steps": 1,
-        "avg_at_k_limit": 3,
-        "avg_at_k_k": 2,
-        "avg_at_k_max_new_tokens": 4,
-    }
+        avg_at_k_steps=1,
+        avg_at_k_limit=3,
+        avg_at_k_k=2,
+        avg_at_k_max_new_tokens=4,
+    )
     if use_peft:
         recipe.update(use_peft=True, lora_r=4, lora_alpha=8, lora_target_modules=["q_proj", "v_proj"])
     out, ranks, steps = _launch_on_cpu(config, recipe, tmp_path)

@@ -14,7 +14,7 @@ import yaml
 from alp_trl import ALPConfig
 from alp_trl.train import ALPScriptArguments, make_parser, parse_args
 
-from .conftest import accelerate_launch
+from .conftest import accelerate_launch, tiny_recipe
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,27 +139,20 @@ def tiny_run_assets(tmp_path_factory, _base_models, tokenizer):
 
 
 def _run_entry(tmp_path, model_dir, data, extra: dict):
-    recipe = {
-        "model_name_or_path": str(model_dir),
-        "dataset_name": str(data),
-        "problem_column": "question",
-        "answer_column": "solution",
-        "reward_funcs": ["accuracy", "format", "length"],
-        "length_target_chars": 10,
-        "output_dir": str(tmp_path / "run"),
-        "per_device_train_batch_size": 4,
-        "num_generations": 4,
-        "max_completion_length": 8,
-        "max_steps": 2,
-        "save_strategy": "steps",
-        "save_steps": 1,
-        "logging_steps": 1,
-        "report_to": "none",
-        "bf16": False,
-        "use_cpu": True,
-        "perturb_sigma_init": 0.05,
+    recipe = tiny_recipe(
+        model_dir,
+        tmp_path / "run",
+        dataset_name=str(data),
+        problem_column="question",
+        answer_column="solution",
+        max_steps=2,
+        save_strategy="steps",
+        save_steps=1,
+        bf16=False,
+        use_cpu=True,
+        perturb_sigma_init=0.05,
         **extra,
-    }
+    )
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     accelerate_launch("cpu.yaml", ["-m", "alp_trl.train", "--config", str(path)], tmp_path, timeout=600)
@@ -257,20 +250,16 @@ def test_processes_that_do_not_form_one_run_are_an_error(tmp_path, tiny_run_asse
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
         yaml.safe_dump(
-            {
-                "model_name_or_path": str(model_dir),
-                "dataset_name": str(data),
-                "problem_column": "question",
-                "answer_column": "solution",
-                "output_dir": str(tmp_path / "run"),
-                "per_device_train_batch_size": 4,
-                "num_generations": 4,
-                "max_completion_length": 4,
-                "max_steps": 1,
-                "logging_steps": 1,
-                "report_to": "none",
-                "bf16": False,
-            }
+            tiny_recipe(
+                model_dir,
+                tmp_path / "run",
+                dataset_name=str(data),
+                problem_column="question",
+                answer_column="solution",
+                max_completion_length=4,
+                max_steps=1,
+                bf16=False,
+            )
         )
     )
     command = [
