@@ -3,10 +3,17 @@
 1. `smoke`: ALPGRPOTrainer on a randomly initialised ~0.4B Qwen2-architecture model in bf16 with transformers
    generation: a few steps, sigma and weights must move; and the measured gap between the sampling log-probs
    recorded during `generate` (the ALP denominator) and the trainer's own forward on the same tokens.
-2. `launch`: the training entry point under `accelerate launch` with each of accelerate_configs/{zero2,zero3,fsdp}.yaml
-   (one process), on a tiny Qwen2 model: it must train, save sigma's side file, and move sigma.
+2. `launch`: the training entry point under `accelerate launch` with each of
+   accelerate_configs/{ddp,zero2,zero3,fsdp}.yaml (`--num-processes`, default 1; use every GPU of a multi-GPU
+   machine), on a tiny Qwen2 model: it must train, save sigma's side file, and move sigma; the grad norms are kept.
 
     python benchmarks/gpu_checks.py --out $OUT/gpu_checks.json
+    python benchmarks/gpu_checks.py --only ddp zero2 zero3 fsdp --num-processes 8 --out $OUT/gpu_multi.json
+    # the H100 FSDP2 NaN (plain GRPO too): vary one thing at a time
+    python benchmarks/gpu_checks.py --only fsdp --extra '{"off_policy_correction": "none", "max_steps": 6}' \
+        --tag=-none --out $OUT/fsdp_nan.json
+    python benchmarks/gpu_checks.py --only fsdp --extra '{"attn_implementation": "eager"}' --tag=-eager ...
+    python benchmarks/gpu_checks.py --only fsdp --launch-args="--fsdp_cpu_ram_efficient_loading false" --tag=-noeff ...
 """
 
 import argparse
@@ -89,7 +96,14 @@ def smoke(steps: int = 3) -> dict:
     }
 
 
-def launch(config: str, workdir: str, extra: dict | None = None, tag: str = "") -> dict:
+def launch(
+    config: str,
+    workdir: str,
+    extra: dict | None = None,
+    tag: str = "",
+    num_processes: int = 1,
+    launch_args: list[str] | None = None,
+) -> dict:
     import yaml
 
     from alp_trl.testing_utils import build_tiny_causal_lm, build_tiny_tokenizer
@@ -134,7 +148,8 @@ def launch(config: str, workdir: str, extra: dict | None = None, tag: str = "") 
         "--config_file",
         os.path.join(REPO, config),
         "--num_processes",
-        "1",
+        str(num_processes),
+        *(launch_args or []),
         "-m",
         "alp_trl.train",
         "--config",
@@ -142,7 +157,12 @@ def launch(config: str, workdir: str, extra: dict | None = None, tag: str = "") 
     ]
     start = time.time()
     proc = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=REPO)
-    result = {"config": config, "returncode": proc.returncode, "seconds": round(time.time() - start, 1)}
+    result = {
+        "config": config,
+        "num_processes": num_processes,
+        "returncode": proc.returncode,
+        "seconds": round(time.time() - start, 1),
+    }
     metrics_file = os.path.join(out, "metrics.jsonl")
     if os.path.exists(metrics_file):
         with open(metrics_file) as f:
@@ -170,6 +190,8 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/alp_gpu_checks")
     parser.add_argument("--extra", default=None, help="JSON dict of recipe overrides for the launch checks")
     parser.add_argument("--tag", default="")
+    parser.add_argument("--num-processes", type=int, default=1, help="processes (GPUs) of each launch check")
+    parser.add_argument("--launch-args", default="", help="more `accelerate launch` options, e.g. FSDP overrides")
     args = parser.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
     results = {}
@@ -180,7 +202,14 @@ def main() -> None:
                 results[check] = smoke()
             else:
                 extra = json.loads(args.extra) if args.extra else None
-                results[check] = launch(f"accelerate_configs/{check}.yaml", args.workdir, extra, args.tag)
+                results[check] = launch(
+                    f"accelerate_configs/{check}.yaml",
+                    args.workdir,
+                    extra,
+                    args.tag,
+                    args.num_processes,
+                    args.launch_args.split(),
+                )
         except Exception as error:  # keep going: each check is reported on its own
             import traceback
 
