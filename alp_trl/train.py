@@ -349,6 +349,10 @@ def main(argv=None) -> None:
         trainer.save_metrics("eval", metrics)
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name, tags=["alp-trl"])
+    # All ranks leave together (the main process writes the card and plots last) and tear the process group down
+    # before interpreter exit, rather than in an order-dependent destructor.
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":

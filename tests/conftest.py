@@ -111,7 +111,7 @@ def tiny_recipe(model_dir, output_dir, **overrides) -> dict:
 
 def accelerate_launch(config: str, target: list[str], cwd, num_processes: int | None = None, timeout: int = 900):
     """Run `accelerate launch --config_file accelerate_configs/<config> [--num_processes N] <target...>` offline from
-    `cwd` and assert it succeeded, showing the first traceback a worker printed if it did not."""
+    `cwd` and assert it succeeded, showing what the workers printed before the launcher's summary if it did not."""
     import subprocess
     import sys
     from pathlib import Path
@@ -129,7 +129,10 @@ def accelerate_launch(config: str, target: list[str], cwd, num_processes: int | 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command + target, capture_output=True, text=True, env=env, timeout=timeout, cwd=cwd)
     if result.returncode != 0:
-        text = result.stderr + result.stdout  # the launcher's own summary comes last and says little
-        start = text.find("Traceback")
-        pytest.fail(text[start : start + 6000] if start >= 0 else text[-6000:])
+        # the workers' own messages (an abort names no Python frame) come before the launcher's summary
+        launcher = result.stderr.rfind("Traceback (most recent call last):")
+        workers = result.stderr[:launcher] if launcher >= 0 else result.stderr
+        pytest.fail(
+            f"{workers[-7000:]}\n--- launcher ---\n{result.stderr[launcher:][-1500:]}\n--- stdout ---\n{result.stdout[-1500:]}"
+        )
     return result
