@@ -350,7 +350,8 @@ def main(argv=None) -> None:
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name, tags=["alp-trl"])
     # All ranks leave together (the main process writes the card and plots last) and tear the process group down
-    # before interpreter exit, rather than in an order-dependent destructor.
+    # while the interpreter is alive: gloo work objects left to interpreter finalisation can abort the process
+    # (SIGABRT, seen rarely on rank 1 of 2-process CPU runs before this).
     trainer.accelerator.wait_for_everyone()
     trainer.accelerator.end_training()
 

@@ -55,6 +55,9 @@ def main(out_dir: str) -> None:
     }
     with open(os.path.join(out_dir, f"rank{record['rank']}.json"), "w") as f:
         json.dump(record, f)
+    # tear gloo down while the interpreter is alive: left to interpreter finalisation it can abort (SIGABRT)
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":
