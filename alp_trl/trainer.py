@@ -5,10 +5,12 @@ The trainer is a list of "here we differ from GRPOTrainer, because ...":
 - `__init__`: attaches `LayerwisePerturbation` to the policy (ALP only);
 - `_generate_single_turn`: with transformers generation, records the sampling log-probs while `generate` runs, so the
   rollout denominator costs no extra forward pass (vLLM already returns them);
-- `_generate_and_score_completions`: guarantees a rollout denominator and counts NaN rollout log-probs;
+- `_generate_and_score_completions`: guarantees a rollout denominator and counts NaN rollout log-probs; for ALP and
+  Bypass, skips TRL's old-policy forward pass (they never read it);
 - `_compute_loss`: the policy-update forward runs with the noise on, then the math of `objectives.py`;
 - `create_optimizer`: sigma gets its own parameter group (`perturb_lr`, no weight decay);
-- `_save` / `_load_from_checkpoint`: sigma goes to a side file, never into the model weights.
+- `save_model` / `_save` / `_load_from_checkpoint`: sigma goes to a side file (DeepSpeed's float32 master copy under
+  DeepSpeed), never into the model weights; FSDP checkpoints keep it and load it natively.
 """
 
 import logging
