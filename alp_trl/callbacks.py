@@ -55,7 +55,8 @@ class AvgAtKCallback(TrainerCallback):
     Every process takes part: the problems are dealt out over the ranks (each rank generates and grades its share),
     and the results are gathered before they are summarised. Each rank runs the same number of generation batches,
     with transformers' `synced_gpus` under FSDP and ZeRO-3, because there a forward pass is a collective; under
-    ZeRO-3 the weights are gathered for generation as TRL's trainer does.
+    ZeRO-3 the weights are gathered for generation as TRL's trainer does. The random state is restored afterwards, so
+    a run with in-training evaluation trains exactly as the same run without it.
     """
 
     def __init__(
@@ -79,6 +80,7 @@ class AvgAtKCallback(TrainerCallback):
 
     def evaluate(self) -> dict:
         """Generate, grade and summarise on every rank; returns the same summary on each, and queues it for logging."""
+        import torch
         from accelerate.utils import gather_object
         from trl.models import unwrap_model_for_generation
 
@@ -99,11 +101,16 @@ class AvgAtKCallback(TrainerCallback):
             else p["prompt_text"]
             for p in problems
         ]
-        with unwrap_model_for_generation(
-            trainer.model_wrapped,
-            accelerator,
-            gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs,
-        ) as model:
+        # The evaluation's own seeded sampling must not move the random stream the training samples from.
+        cuda = accelerator.device.type == "cuda"
+        with (
+            torch.random.fork_rng(devices=[accelerator.device] if cuda else []),
+            unwrap_model_for_generation(
+                trainer.model_wrapped,
+                accelerator,
+                gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs,
+            ) as model,
+        ):
             was_training = model.training
             model.eval()
             completions = generate_transformers(

@@ -97,6 +97,11 @@ def test_in_training_avg_at_k_is_logged(make_model, tokenizer, prompt_dataset, t
     trainer.train()
     logged = [r for r in trainer.state.log_history if "eval/avg@2" in r]
     assert len(logged) == 2 and all(0.0 <= r["eval/pass@2"] <= 1.0 for r in logged)
+    # evaluating does not change training: the same run without the callback logs the same losses
+    plain = alp_trainer(make_model(), tokenizer, prompt_dataset, ALPConfig(**train_args))
+    plain.train()
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    assert losses == [r["loss"] for r in plain.state.log_history if "loss" in r] and len(losses) == 2
 
 
 @pytest.mark.parametrize("num_items, world_size", [(3, 2), (4, 2), (5, 3), (2, 4), (7, 1)])
