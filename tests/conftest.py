@@ -109,9 +109,17 @@ def tiny_recipe(model_dir, output_dir, **overrides) -> dict:
     }
 
 
-def accelerate_launch(config: str, target: list[str], cwd, num_processes: int | None = None, timeout: int = 900):
+def accelerate_launch(
+    config: str,
+    target: list[str],
+    cwd,
+    num_processes: int | None = None,
+    timeout: int = 900,
+    expect_success: bool = True,
+):
     """Run `accelerate launch --config_file accelerate_configs/<config> [--num_processes N] <target...>` offline from
-    `cwd` and assert it succeeded, showing what the workers printed before the launcher's summary if it did not."""
+    `cwd` and (unless `expect_success=False`) assert it succeeded, showing what the workers printed before the
+    launcher's summary if it did not. Returns the completed process."""
     import subprocess
     import sys
     from pathlib import Path
@@ -128,7 +136,7 @@ def accelerate_launch(config: str, target: list[str], cwd, num_processes: int | 
         command += ["--num_processes", str(num_processes), "--main_process_port", "29534"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command + target, capture_output=True, text=True, env=env, timeout=timeout, cwd=cwd)
-    if result.returncode != 0:
+    if expect_success and result.returncode != 0:
         # the workers' own messages (an abort names no Python frame) come before the launcher's summary
         launcher = result.stderr.rfind("Traceback (most recent call last):")
         workers = result.stderr[:launcher] if launcher >= 0 else result.stderr

@@ -244,8 +244,6 @@ def test_run_killed_with_sigkill_resumes_from_its_last_complete_checkpoint(tmp_p
 def test_processes_that_do_not_form_one_run_are_an_error(tmp_path, tiny_run_assets):
     """ddp.yaml with 2 processes on a machine without a GPU: two lone runs would overwrite each other; the entry point
     stops before loading a model and says how to run on CPUs. With `--use_cpu true` the same launch trains as DDP."""
-    import subprocess
-
     model_dir, data = tiny_run_assets
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
@@ -262,27 +260,11 @@ def test_processes_that_do_not_form_one_run_are_an_error(tmp_path, tiny_run_asse
             )
         )
     )
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(REPO / "accelerate_configs" / "ddp.yaml"),
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        "29535",
-        "-m",
-        "alp_trl.train",
-        "--config",
-        str(recipe),
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    command = ["-m", "alp_trl.train", "--config", str(recipe)]
+    result = accelerate_launch("ddp.yaml", command, tmp_path, 2, expect_success=False)
     assert result.returncode != 0
     assert "do not form one distributed run" in result.stderr and "--use_cpu true" in result.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists(), "stopped before training"
-    accelerate_launch("ddp.yaml", ["-m", "alp_trl.train", "--config", str(recipe), "--use_cpu", "true"], tmp_path, 2)
+    accelerate_launch("ddp.yaml", [*command, "--use_cpu", "true"], tmp_path, 2)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["num_tokens"] > 0 and len([r for r in records if "loss" in r]) == 1
