@@ -138,13 +138,21 @@ def tiny_run_assets(tmp_path_factory, _base_models, tokenizer):
     return model_dir, data
 
 
-def _run_entry(tmp_path, model_dir, data, extra: dict):
+def _write_recipe(tmp_path, model_dir, data, **overrides) -> Path:
+    """`tmp_path/recipe.yaml`: the tiny model on the `tiny_run_assets` problems, output in `tmp_path/run`."""
     recipe = tiny_recipe(
+        model_dir, tmp_path / "run", dataset_name=str(data), problem_column="question", answer_column="solution"
+    )
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({**recipe, **overrides}))
+    return path
+
+
+def _run_entry(tmp_path, model_dir, data, extra: dict):
+    path = _write_recipe(
+        tmp_path,
         model_dir,
-        tmp_path / "run",
-        dataset_name=str(data),
-        problem_column="question",
-        answer_column="solution",
+        data,
         max_steps=2,
         save_strategy="steps",
         save_steps=1,
@@ -153,8 +161,6 @@ def _run_entry(tmp_path, model_dir, data, extra: dict):
         perturb_sigma_init=0.05,
         **extra,
     )
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
     accelerate_launch("cpu.yaml", ["-m", "alp_trl.train", "--config", str(path)], tmp_path, timeout=600)
     return tmp_path / "run"
 
@@ -245,21 +251,7 @@ def test_processes_that_do_not_form_one_run_are_an_error(tmp_path, tiny_run_asse
     """ddp.yaml with 2 processes on a machine without a GPU: two lone runs would overwrite each other; the entry point
     stops before loading a model and says how to run on CPUs. With `--use_cpu true` the same launch trains as DDP."""
     model_dir, data = tiny_run_assets
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(
-        yaml.safe_dump(
-            tiny_recipe(
-                model_dir,
-                tmp_path / "run",
-                dataset_name=str(data),
-                problem_column="question",
-                answer_column="solution",
-                max_completion_length=4,
-                max_steps=1,
-                bf16=False,
-            )
-        )
-    )
+    recipe = _write_recipe(tmp_path, model_dir, data, max_completion_length=4, max_steps=1, bf16=False)
     command = ["-m", "alp_trl.train", "--config", str(recipe)]
     result = accelerate_launch("ddp.yaml", command, tmp_path, 2, expect_success=False)
     assert result.returncode != 0
