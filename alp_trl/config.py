@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
+from .attention_backend import CUDNN_SDPA_SETTINGS
+
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +105,19 @@ class ALPConfig(GRPOConfig):
             TRL's own vLLM importance-sampling correction. `None` means: on for `off_policy_correction="none"`, off
             otherwise, because ALP and the baselines replace it. Setting it to `True` together with another correction
             is refused, so that two corrections never stack.
+
+        > Numerical safety
+
+        cudnn_sdpa_backward (`str`, *optional*, defaults to `"auto"`):
+            Whether the policy-update step (forward, backward, gradient-checkpoint recomputation) may use PyTorch's
+            cuDNN scaled-dot-product-attention kernel. `"auto"`: not where its backward is known to return NaN
+            gradients for padded batches (CUDA compute capability 9.x, i.e. H100/H200, torch >= 2.11, `sdpa`
+            attention; pytorch/pytorch#196678), PyTorch's choice elsewhere. `"off"`: never. `"on"`: PyTorch's
+            choice always. Generation is never affected. The decision is logged once.
+        max_consecutive_nonfinite_steps (`int`, *optional*, defaults to `3`):
+            An optimizer step whose gradient norm or micro-step loss is NaN/inf (on any rank) is skipped: gradients
+            dropped, optimizer, LR scheduler and sigma untouched, counted in `train/nonfinite_steps`. After this many
+            skipped steps in a row, training stops with an error naming the likely causes.
     """
 
     off_policy_correction: str = field(
@@ -184,6 +199,23 @@ class ALPConfig(GRPOConfig):
         },
     )
 
+    cudnn_sdpa_backward: str = field(
+        default="auto",
+        metadata={
+            "help": "May the policy update use PyTorch's cuDNN SDPA kernel? 'auto': not on H100/H200 with torch >= "
+            "2.11 (its backward returns NaN for padded batches, pytorch/pytorch#196678), yes elsewhere; 'off': never; "
+            "'on': PyTorch's choice.",
+            "choices": list(CUDNN_SDPA_SETTINGS),
+        },
+    )
+    max_consecutive_nonfinite_steps: int = field(
+        default=3,
+        metadata={
+            "help": "Optimizer steps with a NaN/inf loss or gradient norm are skipped and counted; stop training "
+            "after this many in a row (>= 1)."
+        },
+    )
+
     def __post_init__(self):
         self._validate_alp_fields()
         super().__post_init__()
@@ -212,6 +244,15 @@ class ALPConfig(GRPOConfig):
         _check_choice("perturb_noise_scale", self.perturb_noise_scale, NOISE_SCALES)
         _check_choice("sequence_ratio_aggregation", self.sequence_ratio_aggregation, SEQUENCE_RATIO_AGGREGATIONS)
         self.perturb_layers = parse_layer_spec(self.perturb_layers)
+        _check_choice("cudnn_sdpa_backward", self.cudnn_sdpa_backward, CUDNN_SDPA_SETTINGS)
+        if (
+            not isinstance(self.max_consecutive_nonfinite_steps, int)
+            or isinstance(self.max_consecutive_nonfinite_steps, bool)
+            or self.max_consecutive_nonfinite_steps < 1
+        ):
+            raise ValueError(
+                f"`max_consecutive_nonfinite_steps` must be an integer >= 1, got {self.max_consecutive_nonfinite_steps!r}."
+            )
         _check_choice("rollout_mismatch", self.rollout_mismatch, MISMATCH_KINDS)
         if self.rollout_mismatch.endswith("_noise") and not self.rollout_mismatch_std > 0:
             raise ValueError(

@@ -8,6 +8,10 @@ The trainer is a list of "here we differ from GRPOTrainer, because ...":
 - `_generate_and_score_completions`: guarantees a rollout denominator and counts NaN rollout log-probs; for ALP and
   Bypass, skips TRL's old-policy forward pass (they never read it);
 - `_compute_loss`: the policy-update forward runs with the noise on, then the math of `objectives.py`;
+- `training_step` / `_prepare_inputs`: the update step keeps cuDNN SDPA out where its backward returns NaN
+  (`attention_backend.py`); generation keeps PyTorch's choice;
+- `_get_grad_norm`: the non-finite guard (`nonfinite_guard.py`): a step with a NaN/inf loss or gradient norm on any
+  rank never reaches the optimizer, the LR scheduler or sigma;
 - `create_optimizer`: sigma gets its own parameter group (`perturb_lr`, no weight decay);
 - `save_model` / `_save` / `_load_from_checkpoint`: sigma goes to a side file (DeepSpeed's float32 master copy under
   DeepSpeed), never into the model weights; FSDP checkpoints keep it and load it natively.
@@ -20,8 +24,15 @@ from contextlib import contextmanager, nullcontext
 import torch
 from trl import GRPOTrainer
 
+from .attention_backend import (
+    enabled_sdpa_backends,
+    resolve_cudnn_sdpa,
+    sdpa_backends_restored,
+    sdpa_backends_without_cudnn,
+)
 from .config import ALPConfig
 from .diagnostics import mismatch_statistics, ratio_statistics
+from .nonfinite_guard import NonFiniteStepGuard, is_finite_number
 from .objectives import (
     aggregate_loss,
     clipped_surrogate,
@@ -123,6 +134,23 @@ class ALPGRPOTrainer(GRPOTrainer):
             self._match_sigma_dtype_for_deepspeed()
         if args.uses_rollout_logps:
             self._warn_on_truncated_sampling()
+        self._nonfinite = NonFiniteStepGuard(args.max_consecutive_nonfinite_steps)
+        self._micro_step_tokens = None
+        self._sdpa_backends_outside_update = None
+        self._exclude_cudnn_sdpa = self._resolve_update_attention()
+
+    def _resolve_update_attention(self) -> bool:
+        """Decide once whether the policy-update step keeps cuDNN SDPA out (`cudnn_sdpa_backward`), and log it."""
+        model = self.accelerator.unwrap_model(self.model)
+        attn_implementation = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        device = self.accelerator.device
+        capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+        exclude, reason = resolve_cudnn_sdpa(
+            self.args.cudnn_sdpa_backward, attn_implementation, torch.__version__, capability
+        )
+        if self.accelerator.is_main_process:
+            (logger.warning if exclude and self.args.cudnn_sdpa_backward == "auto" else logger.info)(reason)
+        return exclude
 
     def _match_sigma_dtype_for_deepspeed(self) -> None:
         """ZeRO-3 flattens all trainable parameters into one buffer of one dtype: give sigma the model's dtype.
@@ -275,11 +303,81 @@ class ALPGRPOTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------------------------------------------ loss
     def training_step(self, model, inputs, num_items_in_batch):
+        # The whole step (forward, backward, gradient-checkpoint recomputation) without cuDNN SDPA where its backward
+        # returns NaN; `_prepare_inputs` (generation, no-grad log-probs) runs with the backends as they were.
+        self._sdpa_backends_outside_update = enabled_sdpa_backends() if self._exclude_cudnn_sdpa else None
+        self._micro_step_tokens = None
         try:
-            return super().training_step(model, inputs, num_items_in_batch)
+            with sdpa_backends_without_cudnn(self._exclude_cudnn_sdpa):
+                loss = super().training_step(model, inputs, num_items_in_batch)
         finally:
+            self._sdpa_backends_outside_update = None
             if self.perturbation is not None:
                 self.perturbation.disarm()
+        self._nonfinite.record(loss, self._micro_step_tokens)
+        return loss
+
+    def _prepare_inputs(self, generation_batch):
+        with sdpa_backends_restored(self._sdpa_backends_outside_update):
+            return super()._prepare_inputs(generation_batch)
+
+    # ------------------------------------------------------------------------------------------ non-finite guard
+    def _get_grad_norm(self, model, grad_norm=None):
+        """Trainer's gradient norm of the step, then the non-finite guard, right before `optimizer.step()`."""
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        self._guard_optimizer_step(grad_norm)
+        return grad_norm
+
+    def _guard_optimizer_step(self, grad_norm) -> None:
+        """Skip this optimizer step on every rank if its gradient norm or a micro-step loss is NaN/inf on any rank."""
+        device = self.accelerator.device
+        local_bad = self._nonfinite.local_loss_is_nonfinite(device)
+        if not is_finite_number(grad_norm):
+            local_bad = torch.ones((), device=device)
+        skipped = bool(self.accelerator.reduce(local_bad, reduction="sum").item() > 0)
+        if self.is_deepspeed_enabled:
+            # DeepSpeed has already stepped inside `backward`. With bf16 it checks the gradients for overflow itself
+            # (`bf16.check_grad_overflow`, on by default) and skips the step, which it reports here; a non-finite
+            # loss whose gradients are finite is stepped.
+            deepspeed_skipped = self.accelerator.optimizer_step_was_skipped
+            if skipped and not deepspeed_skipped:
+                logger.error(
+                    "Optimizer step %d: non-finite loss or gradient norm, but DeepSpeed stepped anyway (its overflow "
+                    "check saw finite gradients or is off: set `bf16.check_grad_overflow: true`).",
+                    self.state.global_step + 1,
+                )
+            skipped = deepspeed_skipped
+        else:
+            self._drop_step(skipped)
+        message = self._nonfinite.conclude(
+            skipped, self.state.global_step + 1, grad_norm, rank=self.accelerator.process_index
+        )
+        if message:
+            logger.warning(message)
+
+    def _drop_step(self, skip: bool) -> None:
+        """Make `optimizer.step()` and the LR scheduler a no-op for this step when `skip` (torch optimizers skip
+        parameters without a gradient; accelerate's `step_was_skipped` keeps Trainer from stepping the scheduler).
+        Under fp16 loss scaling the gradients are poisoned instead, so that the scaler skips (and reports) it."""
+        optimizer = self.optimizer
+        scaler = getattr(optimizer, "scaler", None)
+        if scaler is not None:
+            if skip:
+                for group in optimizer.param_groups:
+                    for param in group["params"]:
+                        if param.grad is not None:
+                            param.grad.fill_(float("nan"))
+            return
+        if not hasattr(optimizer, "_is_overflow"):
+            raise RuntimeError(
+                f"The non-finite step guard expects accelerate's AcceleratedOptimizer (`_is_overflow`), got "
+                f"{type(optimizer).__name__}: accelerate changed; see alp_trl/trainer.py `_drop_step`."
+            )
+        if skip:
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    param.grad = None
+        optimizer._is_overflow = skip
 
     def _perturbed(self, mode: str):
         """The noise context of the policy-update forward pass (train mode only).
@@ -295,9 +393,13 @@ class ALPGRPOTrainer(GRPOTrainer):
         args = self.args
         correction = args.off_policy_correction
         if correction == "none":
+            if self.model.training:
+                self._micro_step_tokens = inputs["completion_mask"].sum()
             return super()._compute_loss(model, inputs)
 
         mode = "train" if self.model.training else "eval"
+        if mode == "train":  # for the non-finite guard's description of a skipped step
+            self._micro_step_tokens = inputs["completion_mask"].sum()
         prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
@@ -373,6 +475,11 @@ class ALPGRPOTrainer(GRPOTrainer):
         return loss
 
     # --------------------------------------------------------------------------------------------------- metrics
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.model.training and not any(key.startswith("eval_") for key in logs):
+            logs["train/nonfinite_steps"] = float(self._nonfinite.total_skipped)
+        super().log(logs, start_time)
+
     def _log_loss_metrics(self, mode, per_token_logps, rollout_logps, mask, entropies, surrogate, weight, extra):
         """Log the loss metrics with one reduction and one gather (each extra GPU sync would stall the step)."""
         metrics = self._metrics[mode]

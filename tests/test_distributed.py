@@ -147,3 +147,47 @@ def test_two_process_launch_of_each_accelerate_config(tmp_path, _base_models, to
     for key in ("loss", "alp/sigma_mean", "grad_norm"):
         assert [r[key] for r in resumed_steps[2:]] == pytest.approx([r[key] for r in steps[2:]], rel=1e-5), key
     assert resumed_ranks[0]["sigma"] == pytest.approx(ranks[0]["sigma"], rel=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("config", "kind"), [("ddp.yaml", "value"), ("zero2.yaml", "grad")])
+def test_two_process_launch_skips_a_nonfinite_step_on_both_ranks(tmp_path, _base_models, tokenizer, config, kind):
+    """Rank 0 alone gets a non-finite step 2. DDP: only its loss value is NaN (its gradients are finite, so only the
+    guard's cross-rank reduction can tell rank 1); ZeRO-2: its gradients are NaN (DeepSpeed's own overflow check skips,
+    the guard counts it). Both ranks skip step 2 together and stay identical; steps 3-4 train."""
+    import yaml
+
+    if config.startswith("zero"):
+        pytest.importorskip("deepspeed")
+    model_dir = tmp_path / "tiny-qwen2"
+    _base_models["qwen2"].save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "run"
+    recipe = tiny_recipe(
+        model_dir,
+        out,
+        dataset_name="builtin:arithmetic",
+        max_train_samples=64,
+        max_steps=4,
+        save_strategy="no",
+        bf16=True,
+        learning_rate=1e-2,
+        seed=0,
+    )
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    os.environ["POISON_KIND"] = kind
+    try:
+        accelerate_launch(
+            config, [str(REPO / "tests" / "scripts" / "nonfinite_worker.py"), "--config", str(path)], tmp_path, 2
+        )
+    finally:
+        del os.environ["POISON_KIND"]
+    ranks = [json.loads((out / f"guard_rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["skipped"] for r in ranks] == [1, 1], "both ranks skipped exactly one step"
+    assert ranks[0]["checksums"] == ranks[1]["checksums"], "the ranks' weights never diverged"
+    sums = ranks[0]["checksums"]
+    assert len(sums) == 4 and sums[1] == sums[0], "step 2 changed nothing"
+    assert sums[2] != sums[1] and sums[3] != sums[2] and all(math.isfinite(s) for s in sums), "steps 3-4 trained"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train/nonfinite_steps"] for r in records if "grad_norm" in r] == [0.0, 1.0, 1.0, 1.0]
