@@ -9,11 +9,19 @@
 
     python benchmarks/gpu_checks.py --out $OUT/gpu_checks.json
     python benchmarks/gpu_checks.py --only ddp zero2 zero3 fsdp --num-processes 8 --out $OUT/gpu_multi.json
-    # the H100 FSDP2 NaN (plain GRPO too): vary one thing at a time
-    python benchmarks/gpu_checks.py --only fsdp --extra '{"off_policy_correction": "none", "max_steps": 6}' \
-        --tag=-none --out $OUT/fsdp_nan.json
+    # one change at a time: recipe overrides and accelerate options
     python benchmarks/gpu_checks.py --only fsdp --extra '{"attn_implementation": "eager"}' --tag=-eager ...
     python benchmarks/gpu_checks.py --only fsdp --launch-args="--fsdp_cpu_ram_efficient_loading false" --tag=-noeff ...
+3. `cudnn_nan`: the table of alp_trl issue 12 (the NaN gradient at step 3 on H100/H200 that was blamed on FSDP2; it
+   is PyTorch's cuDNN SDPA backward, pytorch/pytorch#196678) as one command, <= 3 minutes: 4-step runs of the entry
+   point (plain GRPO and ALP; ddp / fsdp configs; bf16 and fp32; head_dim 16 and 128; sdpa, eager, cuDNN off
+   globally; completions of 16 and 8 tokens), `--parallel` at a time on the one GPU, each with the fix at its default
+   (`cudnn_sdpa_backward: auto`): every grad norm must be finite and no step skipped. One more run switches the fix off
+   (`cudnn_sdpa_backward: on`): there the non-finite guard must skip the NaN steps instead of the run crashing in
+   generation. A kernel-level check (`sdpa_kernel`) counts non-finite `grad_q` of cuDNN vs the memory-efficient kernel
+   on a GRPO-shaped mask (left-padded rows fully masked) at sequence lengths 64, 128, 192.
+
+    python benchmarks/gpu_checks.py --only cudnn_nan --out $OUT/cudnn_nan.json
 """
 
 import argparse
@@ -22,6 +30,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -103,18 +112,12 @@ def launch(
     tag: str = "",
     num_processes: int = 1,
     launch_args: list[str] | None = None,
+    model: str = "h64",
+    target: list[str] | None = None,
 ) -> dict:
     import yaml
 
-    from alp_trl.testing_utils import build_tiny_causal_lm, build_tiny_tokenizer
-
-    model_dir = os.path.join(workdir, "tiny-qwen2")
-    if not os.path.exists(model_dir):
-        tokenizer = build_tiny_tokenizer()
-        build_tiny_causal_lm("qwen2", vocab_size=len(tokenizer), num_layers=4, hidden_size=64).save_pretrained(
-            model_dir
-        )
-        tokenizer.save_pretrained(model_dir)
+    model_dir = tiny_model(workdir, model)
     out = os.path.join(workdir, f"run-{os.path.basename(config).split('.')[0]}{tag}")
     recipe = {
         "model_name_or_path": model_dir,
@@ -150,8 +153,7 @@ def launch(
         "--num_processes",
         str(num_processes),
         *(launch_args or []),
-        "-m",
-        "alp_trl.train",
+        *(target or ["-m", "alp_trl.train"]),
         "--config",
         path,
     ]
@@ -166,7 +168,9 @@ def launch(
     metrics_file = os.path.join(out, "metrics.jsonl")
     if os.path.exists(metrics_file):
         with open(metrics_file) as f:
-            result["grad_norms"] = [json.loads(line).get("grad_norm") for line in f if "grad_norm" in line]
+            steps = [json.loads(line) for line in f if "grad_norm" in line]
+        result["grad_norms"] = [r.get("grad_norm") for r in steps]
+        result["nonfinite_steps"] = steps[-1].get("train/nonfinite_steps") if steps else None
     side = os.path.join(out, "alp_perturbation.json")
     if proc.returncode == 0 and os.path.exists(side):
         with open(side) as f:
@@ -183,6 +187,109 @@ def launch(
     return result
 
 
+def tiny_model(workdir: str, model: str = "h64") -> str:
+    """The random tiny Qwen2 of the launch checks, saved once: `h64` (4 layers, hidden 64, head_dim 16) or `hd128`
+    (hidden 256, 2 heads: head_dim 128)."""
+    from alp_trl.testing_utils import build_tiny_causal_lm, build_tiny_tokenizer
+
+    model_dir = os.path.join(workdir, "tiny-qwen2" if model == "h64" else f"tiny-qwen2-{model}")
+    if not os.path.exists(model_dir):
+        tokenizer = build_tiny_tokenizer()
+        if model == "h64":
+            built = build_tiny_causal_lm("qwen2", vocab_size=len(tokenizer), num_layers=4, hidden_size=64)
+        elif model == "hd128":
+            from transformers import AutoModelForCausalLM
+
+            from alp_trl.testing_utils import tiny_config
+
+            config = tiny_config("qwen2", len(tokenizer), num_layers=4, hidden_size=256)
+            config.num_attention_heads = config.num_key_value_heads = 2
+            built = AutoModelForCausalLM.from_config(config)
+        else:
+            raise ValueError(f"`model` got {model!r}; allowed values are ['h64', 'hd128'].")
+        built.save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
+    return model_dir
+
+
+_GRPO = {"off_policy_correction": "none"}
+# name: (accelerate config, recipe overrides, model, launch target or None for `-m alp_trl.train`)
+CUDNN_NAN_VARIANTS = {
+    "grpo-sdpa": ("ddp.yaml", _GRPO, "h64", None),
+    "grpo-fp32": ("ddp.yaml", {**_GRPO, "dtype": "float32", "bf16": False}, "h64", None),
+    "grpo-headdim128": ("ddp.yaml", _GRPO, "hd128", None),
+    "alp-ddp": ("ddp.yaml", {}, "h64", None),
+    "alp-fsdp": ("fsdp.yaml", {}, "h64", None),
+    "alp-fsdp-lr1e-5": ("fsdp.yaml", {"learning_rate": 1e-5}, "h64", None),
+    "grpo-eager": ("ddp.yaml", {**_GRPO, "attn_implementation": "eager"}, "h64", None),
+    "grpo-cudnn-off-globally": ("ddp.yaml", _GRPO, "h64", ["benchmarks/train_without_cudnn_sdpa.py"]),
+    "grpo-completion8": ("ddp.yaml", {**_GRPO, "max_completion_length": 8}, "h64", None),
+    # the fix switched off: the bug must show, and the guard must skip its NaN steps instead of a crash
+    "grpo-cudnn-on-guarded": (
+        "ddp.yaml",
+        {**_GRPO, "cudnn_sdpa_backward": "on", "max_consecutive_nonfinite_steps": 4},
+        "h64",
+        None,
+    ),
+}
+
+
+def cudnn_nan(workdir: str, parallel: int = 5, extra: dict | None = None) -> dict:
+    """The issue-12 table: every variant of `CUDNN_NAN_VARIANTS` for 4 steps (batch 8, 4 generations, 16 tokens,
+    bf16, lr 1e-3), `parallel` launches at a time on the one GPU, plus the kernel-level check."""
+    results = {"kernel": sdpa_kernel_nan()}
+    for model in ("h64", "hd128"):  # built once, before the parallel launches
+        tiny_model(workdir, model)
+
+    def run(item):
+        index, (name, (config, variant, model, target)) = item
+        recipe = {"max_steps": 4, "save_steps": 4, "max_completion_length": 16, **variant, **(extra or {})}
+        port = ["--main_process_port", str(29600 + index)]
+        return name, launch(f"accelerate_configs/{config}", workdir, recipe, f"-{name}", 1, port, model, target)
+
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        for name, result in pool.map(run, enumerate(CUDNN_NAN_VARIANTS.items())):
+            results[name] = result
+    fixed = [n for n in CUDNN_NAN_VARIANTS if n != "grpo-cudnn-on-guarded"]
+    results["all_fixed_variants_finite"] = all(
+        results[n].get("returncode") == 0
+        and len(results[n].get("grad_norms") or []) == 4
+        and all(g is not None and g == g and abs(g) != float("inf") for g in results[n]["grad_norms"])
+        and not results[n].get("nonfinite_steps")
+        for n in fixed
+    )
+    return results
+
+
+def sdpa_kernel_nan(lengths=(64, 128, 192), pad=10) -> dict:
+    """Non-finite `grad_q` of cuDNN vs the memory-efficient SDPA kernel on a GRPO-shaped boolean mask (causal, with
+    the first `pad` positions of sample 0 left-padded: those query rows are fully masked), bf16, per sequence length."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if not torch.cuda.is_available():
+        return {"skipped": "no CUDA device"}
+    out = {"device": torch.cuda.get_device_name(), "capability": list(torch.cuda.get_device_capability())}
+    for length in lengths:
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(2, 4, length, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        keep = torch.ones(2, length, dtype=torch.bool, device="cuda")
+        keep[0, :pad] = False
+        mask = torch.ones(length, length, dtype=torch.bool, device="cuda").tril()[None, None] & keep[:, None, None, :]
+        row = {}
+        for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+            qq = q.clone().requires_grad_()
+            try:
+                with sdpa_kernel([backend]):
+                    F.scaled_dot_product_attention(qq, k, v, attn_mask=mask).float().sum().backward()
+                row[name] = int((~torch.isfinite(qq.grad)).sum())
+            except RuntimeError as error:  # backend not available for these inputs
+                row[name] = f"unavailable: {str(error)[:120]}"
+        out[f"L{length}_nonfinite_grad_q"] = row
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
@@ -192,6 +299,7 @@ def main() -> None:
     parser.add_argument("--tag", default="")
     parser.add_argument("--num-processes", type=int, default=1, help="processes (GPUs) of each launch check")
     parser.add_argument("--launch-args", default="", help="more `accelerate launch` options, e.g. FSDP overrides")
+    parser.add_argument("--parallel", type=int, default=5, help="cudnn_nan: launches at a time on the GPU")
     args = parser.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
     results = {}
@@ -200,6 +308,8 @@ def main() -> None:
         try:
             if check == "smoke":
                 results[check] = smoke()
+            elif check == "cudnn_nan":
+                results[check] = cudnn_nan(args.workdir, args.parallel, json.loads(args.extra) if args.extra else None)
             else:
                 extra = json.loads(args.extra) if args.extra else None
                 results[check] = launch(
