@@ -218,7 +218,8 @@ class ALPConfig(GRPOConfig):
 
     def __post_init__(self):
         self._validate_alp_fields()
-        super().__post_init__()
+        super().__post_init__()  # parses `generation_kwargs` given as JSON text
+        self._validate_generation_kwargs()
 
     def __getstate__(self):
         # `training_args.bin` (a pickle of these arguments) is saved with every checkpoint and uploaded with the model:
@@ -237,6 +238,28 @@ class ALPConfig(GRPOConfig):
     def uses_rollout_logps(self) -> bool:
         """Whether the objective needs the log-probs of the policy that sampled the rollout."""
         return self.off_policy_correction != "none"
+
+    def _validate_generation_kwargs(self) -> None:
+        """Refuse decoding that does not sample from the policy when the objective needs rollout log-probs: beam search,
+        greedy and contrastive search pick completions by score, so no importance ratio against them is meaningful."""
+        if not self.uses_rollout_logps or not isinstance(self.generation_kwargs, dict):
+            return
+        kwargs = self.generation_kwargs
+        not_sampling = {
+            "num_beams": (kwargs.get("num_beams") or 1) > 1,
+            "num_beam_groups": (kwargs.get("num_beam_groups") or 1) > 1,
+            "use_beam_search": bool(kwargs.get("use_beam_search")),
+            "do_sample": kwargs.get("do_sample", True) is False,
+            "penalty_alpha": kwargs.get("penalty_alpha") is not None,
+        }
+        for key, refused in not_sampling.items():
+            if refused:
+                raise ValueError(
+                    f"`generation_kwargs` sets {key}={kwargs[key]!r}: beam search, greedy and contrastive decoding "
+                    "choose completions by score instead of sampling them from the policy, so the importance ratio of "
+                    f"off_policy_correction={self.off_policy_correction!r} has no rollout probability to divide by. "
+                    "Sample instead (remove the key), or use off_policy_correction='none'."
+                )
 
     def _validate_alp_fields(self) -> None:
         _check_choice("off_policy_correction", self.off_policy_correction, OFF_POLICY_CORRECTIONS)

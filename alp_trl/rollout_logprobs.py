@@ -19,47 +19,87 @@ import torch
 from torch import nn
 
 
+class RecordingMismatch(RuntimeError):
+    """The recorded generation does not line up with the completions it is asked about."""
+
+
 class GenerationLogprobRecorder:
     """State of one capture: per-step log-probs of the tokens sampled so far, and the pending distribution."""
 
     def __init__(self, temperature: float):
         self.temperature = float(temperature)
         self.steps: list[torch.Tensor] = []  # step t -> (B,) log-prob of the token sampled at step t
+        self.tokens: list[torch.Tensor] = []  # step t -> (B,) the token sampled at step t (seen as the next input)
         self.pending: torch.Tensor | None = None  # (B, V) log-probs of the distribution sampled at the last step
         self.num_calls = 0
+        self.broken: str | None = None  # why the recording cannot be aligned (the hook never raises into generate)
 
     def hook(self, module, args, kwargs, output) -> None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         logits = output["logits"] if not isinstance(output, tuple) else output[0]
-        if input_ids is None or logits is None:
+        if input_ids is None or logits is None or self.broken is not None:
             return
         if self.pending is not None:
             # The input of this step is the token sampled from the pending distribution.
             sampled = input_ids[:, -1:].to(self.pending.device)
+            if sampled.size(0) != self.pending.size(0):  # another batch, e.g. a second generate call
+                self.broken = (
+                    f"the decoding batch changed size between steps ({self.pending.size(0)} -> {sampled.size(0)})"
+                )
+                return
             self.steps.append(self.pending.gather(-1, sampled).squeeze(-1))
+            self.tokens.append(sampled.squeeze(-1).cpu())
         self.pending = torch.log_softmax(logits[:, -1, :].float() / self.temperature, dim=-1)
         self.num_calls += 1
 
     def logprobs_for(self, completion_ids: list[list[int]]) -> list[list[float]]:
-        """Per-sequence log-probs of `completion_ids` (the sampled tokens, possibly cut after EOS)."""
+        """Per-sequence log-probs of `completion_ids` (the sampled tokens, possibly cut after EOS).
+
+        Raises `RecordingMismatch` when the recording cannot be the generation of these completions: nothing was
+        recorded (the backend never ran the hooked forward pass), another number of sequences, a completion longer
+        than the recorded decoding steps, or recorded tokens that differ from the completion's.
+        """
+        if self.broken is not None:
+            raise RecordingMismatch(self.broken)
         if self.pending is None:
-            return [[] for _ in completion_ids]
+            raise RecordingMismatch("nothing was recorded: the generation backend never ran the policy's forward pass")
         num_steps = len(self.steps) + 1
         if len(completion_ids) != self.pending.size(0):
-            raise RuntimeError(
-                f"Captured {self.pending.size(0)} generated sequences but got {len(completion_ids)} completions."
+            raise RecordingMismatch(
+                f"captured {self.pending.size(0)} generated sequences but got {len(completion_ids)} completions"
             )
         columns = torch.stack(self.steps, dim=1).cpu() if self.steps else torch.empty(len(completion_ids), 0)
+        tokens = torch.stack(self.tokens, dim=1) if self.tokens else torch.empty(len(completion_ids), 0)
         last = self.pending.cpu()
         result = []
         for row, ids in enumerate(completion_ids):
             if len(ids) > num_steps:
-                raise RuntimeError(f"Completion {row} has {len(ids)} tokens but only {num_steps} steps were captured.")
-            values = columns[row, : min(len(ids), num_steps - 1)].tolist()
+                raise RecordingMismatch(f"completion {row} has {len(ids)} tokens but {num_steps} steps were captured")
+            known = min(len(ids), num_steps - 1)
+            if tokens[row, :known].tolist() != list(ids[:known]):
+                raise RecordingMismatch(f"completion {row}'s tokens differ from the tokens sampled while recording")
+            values = columns[row, :known].tolist()
             if len(ids) == num_steps:
                 values.append(float(last[row, ids[-1]]))
             result.append(values)
         return result
+
+
+def rollout_logprobs_misalignment(
+    completion_ids: list[list[int]], logprobs: list[list[float]] | None, tool_mask: list[list[int]] | None = None
+) -> str | None:
+    """Why `logprobs` cannot be the per-token rollout log-probs of `completion_ids` (and of `tool_mask`, when TRL's
+    tool / environment loop stitched several generation calls together), or `None` when they line up."""
+    if logprobs is None:
+        return None
+    if len(logprobs) != len(completion_ids):
+        return f"{len(logprobs)} log-prob sequences for {len(completion_ids)} completions"
+    for row, (ids, values) in enumerate(zip(completion_ids, logprobs)):
+        if values is None or len(values) != len(ids):
+            return f"completion {row} has {len(ids)} tokens but {0 if values is None else len(values)} log-probs"
+        if tool_mask is not None and len(tool_mask[row]) != len(ids):
+            return f"completion {row} has {len(ids)} tokens but a tool mask of {len(tool_mask[row])}"
+    return None
 
 
 @contextmanager

@@ -23,6 +23,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 from trl import GRPOTrainer
+from trl.trainer.callbacks import SyncRefModelCallback
 
 from .attention_backend import (
     enabled_sdpa_backends,
@@ -42,7 +43,7 @@ from .objectives import (
     rollout_correction_weight,
 )
 from .perturbation import MODULE_NAME, LayerwisePerturbation, deepspeed_fp32_master
-from .rollout_logprobs import capture_generation_logprobs
+from .rollout_logprobs import RecordingMismatch, capture_generation_logprobs, rollout_logprobs_misalignment
 from .rollout_mismatch import simulated_sampler
 
 
@@ -70,6 +71,18 @@ def _per_sequence_mean(flags: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def _sequence_flag(flags: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """`(B, 1)`: whether a `(B, T)` flag marks any completion token of each sequence."""
     return (flags.bool() & mask.bool()).any(-1, keepdim=True)
+
+
+class _SyncRefModelWithoutSigma(SyncRefModelCallback):
+    """TRL's reference-model sync (`sync_ref_model=True`), with sigma out of the policy while it runs."""
+
+    def __init__(self, ref_model, accelerator, trainer: "ALPGRPOTrainer"):
+        super().__init__(ref_model=ref_model, accelerator=accelerator)
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        with self.trainer.perturbation.unregistered():
+            return super().on_step_end(args, state, control, **kwargs)
 
 
 class ALPGRPOTrainer(GRPOTrainer):
@@ -119,6 +132,7 @@ class ALPGRPOTrainer(GRPOTrainer):
             )
         super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
         self._warned_missing_rollout_logps = False
+        self._rollout_logps_problem: str | None = None
         self.perturbation: LayerwisePerturbation | None = None
         if args.uses_perturbation:
             self.perturbation = LayerwisePerturbation.attach(
@@ -132,6 +146,7 @@ class ALPGRPOTrainer(GRPOTrainer):
             )
             self.perturbation.rank = self.accelerator.process_index
             self._match_sigma_dtype_for_deepspeed()
+            self._sync_reference_without_sigma()
         if args.uses_rollout_logps:
             self._warn_on_truncated_sampling()
         self._nonfinite = NonFiniteStepGuard(args.max_consecutive_nonfinite_steps)
@@ -166,6 +181,15 @@ class ALPGRPOTrainer(GRPOTrainer):
             log_sigma.data = log_sigma.data.to(dtypes.pop())
             logger.info("DeepSpeed: sigma parameters cast to the model's dtype %s.", log_sigma.dtype)
 
+    def _sync_reference_without_sigma(self) -> None:
+        """`sync_ref_model=True`: TRL's callback zips the policy's and the reference model's parameters strictly, and
+        the policy carries one more (sigma). Replace it by one that syncs with the perturbation module taken out of
+        the policy, so the reference model stays a noise-free copy of the weights."""
+        callbacks = self.callback_handler.callbacks
+        for index, callback in enumerate(callbacks):
+            if type(callback) is SyncRefModelCallback:
+                callbacks[index] = _SyncRefModelWithoutSigma(callback.ref_model, callback.accelerator, self)
+
     def _warn_on_truncated_sampling(self) -> None:
         args = self.args
         reshaped = []
@@ -193,12 +217,25 @@ class ALPGRPOTrainer(GRPOTrainer):
         return self.args.uses_rollout_logps or self.args.rollout_mismatch != "none"
 
     def _generate(self, prompts):
+        """TRL's generation (single turn, tool / environment loops, `rollout_func`), then a check that the rollout
+        log-probs line up with the completions TRL assembled; if they do not, they are dropped, and
+        `_generate_and_score_completions` recomputes them with one noise-free forward pass (with a warning)."""
+        self._rollout_logps_problem = None
         if self.use_vllm and self.perturbation is not None:
             # TRL pushes `model.named_parameters()` to vLLM before generating: sigma must never be part of that sync
             # (vLLM has no such weight), so the perturbation submodule is out of the model while it runs.
             with self.perturbation.unregistered():
-                return super()._generate(prompts)
-        return super()._generate(prompts)
+                result = super()._generate(prompts)
+        else:
+            result = super()._generate(prompts)
+        if not self._records_rollout_logps:
+            return result
+        prompt_ids, completion_ids, tool_mask, completions, logprobs, extra_fields, images, tool_images = result
+        problem = self._rollout_logps_problem or rollout_logprobs_misalignment(completion_ids, logprobs, tool_mask)
+        if problem is not None:
+            self._rollout_logps_problem = problem
+            logprobs = None
+        return prompt_ids, completion_ids, tool_mask, completions, logprobs, extra_fields, images, tool_images
 
     @contextmanager
     def _unused_old_logps_skipped(self):
@@ -245,7 +282,13 @@ class ALPGRPOTrainer(GRPOTrainer):
             completion_ids, _ = super()._generate_single_turn(
                 prompt_ids, images, multimodal_fields, num_generations, has_tool_images=has_tool_images
             )
-        return completion_ids, recorder.logprobs_for(completion_ids)
+        try:
+            return completion_ids, recorder.logprobs_for(completion_ids)
+        except RecordingMismatch as mismatch:
+            # e.g. a custom `generate` that does not run the hooked forward pass. Placeholders of the right lengths
+            # keep TRL's tool-loop stitching intact; `_generate` then drops the whole batch's log-probs.
+            self._rollout_logps_problem = self._rollout_logps_problem or f"the log-prob recorder: {mismatch}"
+            return completion_ids, [[float("nan")] * len(ids) for ids in completion_ids]
 
     def _generate_and_score_completions(self, inputs):
         with self._unused_old_logps_skipped():
@@ -256,9 +299,16 @@ class ALPGRPOTrainer(GRPOTrainer):
         if "tool_mask" in output:
             mask = mask * output["tool_mask"]
         mode = "train" if self.model.training else "eval"
-        if "sampling_per_token_logps" not in output:
-            self._warn_missing_rollout_logps()
-            output["sampling_per_token_logps"] = self._clean_policy_logps(output)
+        missing = "sampling_per_token_logps" not in output
+        # A forward pass is a collective under FSDP2 / ZeRO-3: if any rank recomputes, all of them run it.
+        flag = torch.tensor(float(missing), device=self.accelerator.device)
+        any_missing = self.accelerator.reduce(flag, reduction="sum").item() > 0
+        self._metrics[mode]["alp/rollout_logps_recomputed"].append(float(missing))
+        if any_missing:
+            recomputed = self._clean_policy_logps(output)
+            if missing:
+                self._warn_missing_rollout_logps(self._rollout_logps_problem)
+                output["sampling_per_token_logps"] = recomputed
         rollout = output["sampling_per_token_logps"]
         nan_count = (torch.isnan(rollout) & mask.bool()).sum().float()
         totals = self.accelerator.reduce(torch.stack([nan_count, mask.sum().float()]), reduction="sum")
@@ -276,15 +326,19 @@ class ALPGRPOTrainer(GRPOTrainer):
                 self._metrics[mode][f"rollout_mismatch/{key}"].append(value.item())
         return output
 
-    def _warn_missing_rollout_logps(self) -> None:
-        if not self._warned_missing_rollout_logps:
-            logger.warning(
-                "The generation backend returned no sampling log-probs; off_policy_correction=%r uses the log-probs "
-                "of the unperturbed policy recomputed after generation instead (one extra forward pass per "
-                "generation batch). This ignores any train-inference mismatch of the backend.",
-                self.args.off_policy_correction,
-            )
-            self._warned_missing_rollout_logps = True
+    def _warn_missing_rollout_logps(self, problem: str | None = None) -> None:
+        if self._warned_missing_rollout_logps:
+            logger.debug("Rollout log-probs recomputed: %s", problem or "the backend returned none")
+            return
+        logger.warning(
+            "%s; off_policy_correction=%r uses the log-probs of the unperturbed policy recomputed after generation "
+            "instead (one extra forward pass per generation batch; counted in alp/rollout_logps_recomputed). This "
+            "ignores any train-inference mismatch of the backend%s. Shown once.",
+            f"Rollout log-probs unusable ({problem})" if problem else "The generation backend returned no log-probs",
+            self.args.off_policy_correction,
+            " (and the simulated one of rollout_mismatch)" if self.args.rollout_mismatch != "none" else "",
+        )
+        self._warned_missing_rollout_logps = True
 
     @torch.no_grad()
     def _clean_policy_logps(self, output) -> torch.Tensor:
