@@ -17,9 +17,6 @@ LAYER_SPECS = ("all", "early", "middle", "late", "logits", "none")
 SIGMA_SHAPES = ("scalar", "channel")
 NOISE_SCALES = ("absolute", "rms")
 SEQUENCE_RATIO_AGGREGATIONS = ("mean", "sum")
-# Loss types whose surrogate is the PPO-clipped ratio; the others (cispo, sapo, vespo) shape the ratio differently
-# and are only available through plain GRPO (`off_policy_correction="none"`).
-CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 MISMATCH_KINDS = ("none", "bf16", "fp16", "logit_noise", "hidden_noise")
 
 
@@ -335,20 +332,9 @@ class ALPConfig(GRPOConfig):
             )
         self.vllm_importance_sampling_correction = False
 
-        if self.loss_type not in CLIPPED_LOSS_TYPES:
+        if self.loss_type == "vespo" and correction in ("token_mis", "seq_mis", "tis"):
             raise ValueError(
-                f"`loss_type={self.loss_type!r}` is not supported with `off_policy_correction={correction!r}`; allowed "
-                f"loss types are {list(CLIPPED_LOSS_TYPES)} (or use off_policy_correction='none')."
+                f"`loss_type='vespo'` with `off_policy_correction={correction!r}` is not defined: VESPO's gamma weight "
+                "of the sequence ratio is itself its off-policy correction, and a MIS/TIS weight on top would count the "
+                "rollout mismatch twice. Use vespo with 'alp', 'bypass' or 'none'."
             )
-        unsupported = {
-            "top_entropy_quantile": self.top_entropy_quantile < 1.0,
-            "entropy_coef": self.entropy_coef != 0.0,
-            "use_adaptive_entropy": self.use_adaptive_entropy,
-            "off_policy_mask_threshold": self.off_policy_mask_threshold is not None,
-        }
-        for name, is_set in unsupported.items():
-            if is_set:
-                raise ValueError(
-                    f"`{name}` is not supported with `off_policy_correction={correction!r}`: leave it at its default, "
-                    "or set off_policy_correction='none' for TRL's plain GRPO loss."
-                )

@@ -6,6 +6,7 @@ Token-level quantities are `(B, T)`. Sequence-level ratios are broadcast to `(B,
 like token-level ones.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -111,6 +112,96 @@ def clipped_surrogate(
     low_clipped = (ratio < 1.0 - epsilon_low) & negative
     high_clipped = (ratio > 1.0 + epsilon_high) & (advantages > 0)
     return SurrogateOutput(per_token_loss, ratio, low_clipped, high_clipped, dual_clipped.expand_as(ratio))
+
+
+def _no_flags(ratio: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(ratio, dtype=torch.bool)
+
+
+def cispo_surrogate(
+    log_ratio: torch.Tensor, advantages: torch.Tensor, logps: torch.Tensor, max_ratio: float
+) -> SurrogateOutput:
+    """
+    CISPO (MiniMax-M1): `-sg[min(r, max_ratio)] A log pi` per token. The importance weight is truncated and detached;
+    the gradient flows through `logps` only, so no token is ever dropped. `high_clipped` marks positive-advantage
+    tokens whose weight was truncated (TRL's `cispo_clip_ratio`).
+    """
+    ratio = torch.exp(log_ratio)
+    weight = ratio.clamp(max=max_ratio).detach()
+    per_token_loss = -weight * advantages * logps
+    high = ((ratio > max_ratio) & (advantages > 0)).expand_as(per_token_loss)
+    flags = _no_flags(per_token_loss)
+    return SurrogateOutput(per_token_loss, ratio.expand_as(per_token_loss), flags, high, flags)
+
+
+def sapo_surrogate(
+    log_ratio: torch.Tensor, advantages: torch.Tensor, temperature_pos: float, temperature_neg: float
+) -> SurrogateOutput:
+    """
+    SAPO: a soft gate in place of the hard clip, `-sigmoid(tau (r - 1)) * 4 / tau * A` per token, with temperature
+    `tau = temperature_pos` for `A > 0` and `temperature_neg` otherwise (its slope at `r = 1` is 1, like `r A`).
+    """
+    ratio = torch.exp(log_ratio)
+    tau = torch.where(advantages > 0, temperature_pos, temperature_neg).to(ratio.dtype)
+    per_token_loss = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * advantages
+    flags = _no_flags(per_token_loss)
+    return SurrogateOutput(per_token_loss, ratio.expand_as(per_token_loss), flags, flags, flags)
+
+
+@torch.no_grad()
+def vespo_gamma_weight(
+    token_log_ratio: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    k_pos: float = 2.0,
+    lambda_pos: float = 3.0,
+    k_neg: float = 3.0,
+    lambda_neg: float = 2.0,
+) -> torch.Tensor:
+    """
+    VESPO's detached gamma weight `phi(w) = exp(lambda) w^k exp(-lambda w)` (so `phi(1) = 1`) of the sequence ratio
+    `w = exp(sum_t log r_t)` (token log-ratios clamped to [-20, 20], `log w` to [log 1e-8, 20]), with `(k, lambda)`
+    by the sign of the advantage. `(B, 1)`; NaN/inf weights become 0. The VESPO loss is `-phi(w) A log pi`.
+    """
+    lower = math.log(1e-8)
+    seq = (token_log_ratio.clamp(-20.0, 20.0) * mask.to(token_log_ratio.dtype)).sum(-1, keepdim=True)
+    log_w = seq.clamp(lower, 20.0)
+    nonneg = advantages >= 0
+    k = torch.where(nonneg, k_pos, k_neg).to(log_w.dtype)
+    lam = torch.where(nonneg, lambda_pos, lambda_neg).to(log_w.dtype).clamp(min=1e-4)
+    phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
+    return phi.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def vespo_surrogate(phi: torch.Tensor, advantages: torch.Tensor, logps: torch.Tensor) -> SurrogateOutput:
+    """VESPO's per-token loss `-phi A log pi` for the (detached) gamma weight `phi` of `vespo_gamma_weight`."""
+    per_token_loss = -phi * advantages * logps
+    flags = _no_flags(per_token_loss)
+    return SurrogateOutput(per_token_loss, phi.expand_as(per_token_loss), flags, flags, flags)
+
+
+@torch.no_grad()
+def off_policy_sequence_mask(
+    advantages: torch.Tensor,
+    logps: torch.Tensor,
+    rollout_logps: torch.Tensor,
+    mask: torch.Tensor,
+    threshold: float,
+) -> torch.Tensor:
+    """
+    Off-policy sequence masking (OPSM, DeepSeek-V3.2): `(B, 1)`, 0 for a sequence with a negative advantage whose mean
+    token `log pi_rollout - log pi` (an estimate of KL(rollout || trained policy) on the rollout's samples) exceeds
+    `threshold`, 1 otherwise. Under ALP `logps` are the perturbed policy's: the reference is the rollout policy, the
+    numerator the policy the ratio uses. Tokens without a rollout log-prob (NaN) add nothing to the mean.
+    """
+    kl = torch.nan_to_num(rollout_logps - logps.detach(), nan=0.0)
+    mean_kl = masked_mean(kl, mask, dim=-1).unsqueeze(-1)
+    return ((advantages >= 0) | (mean_kl <= threshold)).to(mask.dtype)
+
+
+def entropy_bonus_term(entropies: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The entropy bonus TRL subtracts (times its coefficient): the mean token entropy over `mask`."""
+    return masked_mean(entropies, mask)
 
 
 @torch.no_grad()

@@ -36,11 +36,17 @@ from .diagnostics import mismatch_statistics, ratio_statistics
 from .nonfinite_guard import NonFiniteStepGuard, is_finite_number
 from .objectives import (
     aggregate_loss,
+    cispo_surrogate,
     clipped_surrogate,
+    entropy_bonus_term,
     importance_log_ratio,
     kl_correction_weight,
     low_variance_kl,
+    off_policy_sequence_mask,
     rollout_correction_weight,
+    sapo_surrogate,
+    vespo_gamma_weight,
+    vespo_surrogate,
 )
 from .perturbation import MODULE_NAME, LayerwisePerturbation, deepspeed_fp32_master
 from .rollout_logprobs import RecordingMismatch, capture_generation_logprobs, rollout_logprobs_misalignment
@@ -61,6 +67,10 @@ _FORWARD_KWARG_KEYS = (
     "mm_token_type_ids",
     "image_position_ids",
 )
+
+
+# How each loss type reduces its per-token loss (the ones not listed reduce by their own name): as TRL does.
+_LOSS_AGGREGATION = {"cispo": "dapo", "vespo": "dapo", "sapo": "grpo"}
 
 
 def _per_sequence_mean(flags: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -496,12 +506,39 @@ class ALPGRPOTrainer(GRPOTrainer):
         log_ratio = importance_log_ratio(
             per_token_logps, denominator, mask, level, args.sequence_ratio_aggregation, args.log_ratio_clamp
         )
-        surrogate = clipped_surrogate(
-            log_ratio, advantages, self.epsilon_low, self.epsilon_high, args.dual_clip_c, args.delta
-        )
+        extra = {}
+        if self.loss_type == "cispo":
+            surrogate = cispo_surrogate(log_ratio, advantages, per_token_logps, self.epsilon_high)
+        elif self.loss_type == "sapo":
+            surrogate = sapo_surrogate(log_ratio, advantages, args.sapo_temperature_pos, args.sapo_temperature_neg)
+        elif self.loss_type == "vespo":
+            # the sequence weight of the token log-ratios (numerator over the rollout policy for ALP / Bypass)
+            phi = vespo_gamma_weight(
+                per_token_logps.detach() - denominator,
+                advantages,
+                mask,
+                args.vespo_k_pos,
+                args.vespo_lambda_pos,
+                args.vespo_k_neg,
+                args.vespo_lambda_neg,
+            )
+            surrogate = vespo_surrogate(phi, advantages, per_token_logps)
+            extra["vespo/phi_seq_mean"] = phi
+        else:
+            surrogate = clipped_surrogate(
+                log_ratio, advantages, self.epsilon_low, self.epsilon_high, args.dual_clip_c, args.delta
+            )
         per_token_loss = surrogate.per_token_loss
         if weight is not None:
             per_token_loss = per_token_loss * weight
+        if args.off_policy_mask_threshold is not None:
+            per_token_loss = per_token_loss * off_policy_sequence_mask(
+                advantages, per_token_logps, rollout_logps, mask, args.off_policy_mask_threshold
+            )
+        entropy_mask = None
+        if self.top_entropy_quantile < 1.0:
+            entropy_mask = self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile)
+            per_token_loss = per_token_loss * entropy_mask
 
         if self.beta != 0.0:
             per_token_kl = low_variance_kl(per_token_logps, inputs["ref_per_token_logps"])
@@ -510,23 +547,60 @@ class ALPGRPOTrainer(GRPOTrainer):
                     per_token_logps, denominator, mask, level, args.sequence_ratio_aggregation, args.log_ratio_clamp
                 )
             per_token_loss = per_token_loss + self.beta * per_token_kl
+            extra["kl"] = per_token_kl
 
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
-        if self.loss_type == "dapo":
+        aggregation = _LOSS_AGGREGATION.get(self.loss_type, self.loss_type)
+        if aggregation == "dapo":
             # `num_items_in_batch` spans the generation batch: rescale it to one accumulation window, as TRL does.
             num_items = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
             if mode == "train":
                 num_items = num_items * self.current_gradient_accumulation_steps / args.steps_per_generation
             loss = aggregate_loss(per_token_loss, mask, "dapo", num_items=num_items)
+            policy_loss = loss.detach()
         else:
-            loss = aggregate_loss(per_token_loss, mask, self.loss_type, args.max_completion_length) / accumulation
+            loss = aggregate_loss(per_token_loss, mask, aggregation, args.max_completion_length)
+            policy_loss = loss.detach()
+            loss = loss / accumulation
+        if self._entropy_bonus_enabled:
+            loss = loss - self._entropy_bonus(entropies, mask, entropy_mask, mode, accumulation, policy_loss)
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
 
-        extra = {"kl": per_token_kl} if self.beta != 0.0 else {}
         self._log_loss_metrics(mode, per_token_logps, rollout_logps, mask, entropies, surrogate, weight, extra)
         return loss
+
+    def _entropy_bonus(self, entropies, mask, entropy_mask, mode, accumulation, policy_loss) -> torch.Tensor:
+        """TRL's entropy bonus (`entropy_coef`, `use_adaptive_entropy`), which does not depend on the ratio: the
+        coefficient times the mean entropy of the tokens the policy loss acts on, with TRL's adaptive controller (the
+        coefficient of the previous optimizer step applies; the window-global entropy updates it at the step's end).
+        Under ALP the entropies are the perturbed policy's (the update forward's). Uses TRL's controller state
+        (`entropy_coef`, `_last_world_entropy`, `_entropy_window_stats`); tests compare with `GRPOTrainer`."""
+        args = self.args
+        effective_mask = mask if entropy_mask is None else mask * entropy_mask
+        bonus = entropy_bonus_term(entropies, effective_mask) / accumulation
+        if self.use_adaptive_entropy:
+            coef = self.entropy_coef if self._last_world_entropy <= args.entropy_target else 0.0
+        else:
+            coef = self.entropy_coef
+        self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy_loss).nanmean().item())
+        if self.use_adaptive_entropy and mode == "train":
+            stats = torch.stack([(entropies * effective_mask).sum(), effective_mask.sum()]).detach()
+            window = self._entropy_window_stats
+            self._entropy_window_stats = stats if window is None else window + stats
+            if self.accelerator.sync_gradients:
+                totals = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
+                world_entropy = (totals[0] / totals[1].clamp(min=1.0)).item()
+                if world_entropy <= args.entropy_target:
+                    self.entropy_coef = min(self.entropy_coef + args.entropy_coef_delta, args.entropy_coef_max)
+                else:
+                    self.entropy_coef = max(self.entropy_coef - args.entropy_coef_delta, args.entropy_coef_min)
+                self._last_world_entropy = world_entropy
+                self._entropy_window_stats = None
+        if mode == "train" and self.accelerator.sync_gradients:
+            self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
+        return coef * bonus
 
     # --------------------------------------------------------------------------------------------------- metrics
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -545,6 +619,8 @@ class ALPGRPOTrainer(GRPOTrainer):
             "alp/dual_clip_frac": dual,
             "alp/clip_frac": low | high | dual,
         }
+        if self.loss_type == "cispo":  # TRL's name for CISPO's truncated weights
+            flags["cispo_clip_ratio"] = high
         if self.importance_sampling_level == "sequence":  # a sequence's flags are the same on all its tokens
             flags = {name: _sequence_flag(value, mask) for name, value in flags.items()}
         if weight is not None:

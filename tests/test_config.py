@@ -38,9 +38,8 @@ def test_defaults_follow_the_paper(tmp_path):
         ("dual_clip_c", 0.5, r"dual_clip_c"),
         ("log_ratio_clamp", 0.0, r"log_ratio_clamp"),
         ("mis_threshold", 1.0, r"mis_threshold"),
-        ("loss_type", "cispo", r"loss_type.*not supported"),
-        ("top_entropy_quantile", 0.2, r"top_entropy_quantile"),
-        ("entropy_coef", 0.01, r"entropy_coef"),
+        ("cudnn_sdpa_backward", "never", r"cudnn_sdpa_backward.*\['auto', 'on', 'off'\]"),
+        ("max_consecutive_nonfinite_steps", 0, r"max_consecutive_nonfinite_steps.*>= 1"),
     ],
 )
 def test_invalid_values_name_the_field(tmp_path, field, value, message):
@@ -65,6 +64,31 @@ def test_trl_vllm_correction_never_stacks(tmp_path):
     with pytest.raises(ValueError, match="vllm_importance_sampling_correction.*stack"):
         make(tmp_path, vllm_importance_sampling_correction=True)
     assert make(tmp_path, off_policy_correction="none", vllm_importance_sampling_correction=False)
+
+
+@pytest.mark.parametrize("correction", ["token_mis", "seq_mis", "tis"])
+def test_vespo_with_an_auxiliary_weight_is_refused_with_the_reason(tmp_path, correction):
+    with pytest.raises(ValueError, match=r"loss_type='vespo'.*off_policy_correction='" + correction + "'.*twice"):
+        make(tmp_path, loss_type="vespo", off_policy_correction=correction)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"loss_type": "cispo"},
+        {"loss_type": "sapo"},
+        {"loss_type": "vespo"},
+        {"loss_type": "vespo", "off_policy_correction": "bypass"},
+        {"loss_type": "cispo", "off_policy_correction": "token_mis"},
+        {"top_entropy_quantile": 0.2},
+        {"entropy_coef": 0.01},
+        {"use_adaptive_entropy": True},
+        {"off_policy_mask_threshold": 0.5},
+    ],
+)
+def test_trl_features_orthogonal_to_the_ratio_are_accepted(tmp_path, fields):
+    config = make(tmp_path, **fields)
+    assert all(getattr(config, name) == value for name, value in fields.items())
 
 
 def test_perturbation_only_for_alp(tmp_path):

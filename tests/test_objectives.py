@@ -7,12 +7,17 @@ import torch
 
 from alp_trl.objectives import (
     aggregate_loss,
+    cispo_surrogate,
     clipped_surrogate,
     importance_log_ratio,
     low_variance_kl,
     masked_mean,
+    off_policy_sequence_mask,
     rollout_correction_weight,
+    sapo_surrogate,
     sequence_log_ratio,
+    vespo_gamma_weight,
+    vespo_surrogate,
 )
 
 
@@ -133,3 +138,50 @@ def test_aggregate_loss_by_type():
     assert aggregate_loss(loss, mask, "luspo").item() == pytest.approx((6.0 + 4.0) / 2)
     with pytest.raises(ValueError, match="cispo"):
         aggregate_loss(loss, mask, "cispo")
+
+
+def test_cispo_truncates_and_detaches_the_weight():
+    log_ratio, logps = t([0.0, math.log(3.0)]), t([-1.0, -2.0]).requires_grad_()
+    out = cispo_surrogate(log_ratio, t([2.0]), logps, max_ratio=2.0)
+    # weights min(1, 2) = 1 and min(3, 2) = 2: loss -w A logp = [2, 8]
+    assert_values(out.per_token_loss, [[2.0, 8.0]])
+    out.per_token_loss.sum().backward()
+    assert_values(logps.grad, [[-2.0, -4.0]])  # -w A: the gradient flows through logps only
+    assert out.high_clipped.tolist() == [[False, True]]
+    negative = cispo_surrogate(log_ratio, t([-1.0]), logps.detach(), max_ratio=2.0)
+    assert negative.high_clipped.tolist() == [[False, False]], "only positive advantages count as clipped"
+
+
+def test_sapo_soft_gate_value_and_slope():
+    log_ratio = t([0.0, math.log(1.5)]).requires_grad_()
+    out = sapo_surrogate(log_ratio, t([1.0]), temperature_pos=1.0, temperature_neg=1.05)
+    sig = 1 / (1 + math.exp(-0.5))
+    assert_values(out.per_token_loss, [[-2.0, -4 * sig]])  # -sigmoid(tau (r - 1)) 4 / tau A
+    out.per_token_loss.sum().backward()
+    # d/dlogr = -4 sigmoid' (tau (r-1)) r A: 1 at r = 1 (the slope of r A), sig (1 - sig) 4 * 1.5 at r = 1.5
+    assert_values(log_ratio.grad, [[-1.0, -4 * sig * (1 - sig) * 1.5]])
+    neg = sapo_surrogate(t([0.0]), t([-2.0]), temperature_pos=1.0, temperature_neg=2.0)
+    assert_values(neg.per_token_loss, [[-0.5 * 4 / 2.0 * -2.0]])
+
+
+def test_vespo_gamma_weight_by_hand():
+    # sequence log-ratio sum(0.1, 0.3) = 0.4 (the masked third token ignored); A >= 0: k = 2, lambda = 3
+    phi = vespo_gamma_weight(t([0.1, 0.3, 5.0]), t([1.0]), t([1, 1, 0]))
+    w = math.exp(0.4)
+    assert_values(phi, [[math.exp(3.0) * w**2 * math.exp(-3.0 * w)]])
+    assert_values(vespo_gamma_weight(t([0.0]), t([-1.0]), t([1])), [[1.0]])  # phi(1) = 1 for either sign
+    logps = t([-1.0, -2.0]).requires_grad_()
+    vespo_surrogate(t([0.5]), t([2.0]), logps).per_token_loss.sum().backward()
+    assert_values(logps.grad, [[-1.0, -1.0]])  # -phi A
+
+
+def test_off_policy_sequence_mask_by_hand():
+    logps, rollout, mask = (
+        t([-1.0, -1.0], [-1.0, -1.0], [-1.0, -1.0]),
+        t([-0.5, float("nan")], [-0.9, -1.0], [-0.5, -0.5]),
+        t([1, 1], [1, 1], [1, 1]),
+    )
+    advantages = t([-1.0], [-1.0], [2.0])
+    # row 0: KL mean (0.5 + 0 (NaN)) / 2 = 0.25 > 0.2 and A < 0 -> dropped; row 1: 0.05 -> kept; row 2: A > 0 -> kept
+    keep = off_policy_sequence_mask(advantages, logps, rollout, mask, threshold=0.2)
+    assert keep.tolist() == [[0.0], [1.0], [1.0]]

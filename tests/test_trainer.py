@@ -359,3 +359,57 @@ def test_old_policy_logps_are_computed_only_where_they_are_used(
     assert trainer.args is args and args.gradient_accumulation_steps == 1
     after = named_params(trainer.model)
     assert any(not torch.equal(before[name], after[name]) for name in before if "lora" not in name)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize(
+    ("loss_type", "extra"),
+    [
+        ("dapo", {"entropy_coef": 0.01}),
+        ("grpo", {"top_entropy_quantile": 0.5}),
+        ("grpo", {"top_entropy_quantile": 0.5, "entropy_coef": 0.02}),
+        ("dapo", {"use_adaptive_entropy": True, "entropy_coef": 0.05, "entropy_target": 100.0}),
+        ("dapo", {"off_policy_mask_threshold": 0.05}),
+        ("cispo", {"epsilon_high": 1.2}),
+        ("sapo", {}),
+        ("vespo", {}),
+    ],
+    ids=["entropy_coef", "top_entropy", "top_entropy+coef", "adaptive_entropy", "opsm", "cispo", "sapo", "vespo"],
+)
+def test_zero_sigma_alp_equals_grpo_with_trl_extras(
+    saved_model_dir, tokenizer, prompt_dataset, train_args, level, loss_type, extra
+):
+    """The TRL features that were refused with a correction (entropy bonus, adaptive entropy, entropy masking, OPSM,
+    the CISPO / SAPO / VESPO losses) through ALP's ratio: with sigma = 0 and the rollout denominator equal to TRL's old
+    policy, loss, gradients and TRL's metrics equal `GRPOTrainer`'s. Two calls, so that the adaptive entropy controller
+    applies the coefficient it set in the first."""
+    common = dict(train_args, importance_sampling_level=level, loss_type=loss_type, **extra)
+    grpo = _trainer(GRPOTrainer, GRPOConfig, saved_model_dir, tokenizer, prompt_dataset, **common)
+    alp = _alp(
+        saved_model_dir,
+        tokenizer,
+        prompt_dataset,
+        perturb_sigma_init=0.0,
+        perturb_sigma_learnable=False,
+        dual_clip_c=None,
+        **common,
+    )
+    inputs = _fixed_inputs(tokenizer)
+    current = _current_logps(grpo, inputs)
+    row_bias = torch.tensor([[-1.0], [1.0], [-1.0], [1.0]])
+    denominator = current + 0.3 * (
+        torch.sin(torch.arange(current.numel(), dtype=current.dtype)).view_as(current) + row_bias
+    )
+    for _ in range(2):
+        grpo_loss, grpo_grads = _loss_and_grads(grpo, {**inputs, "old_per_token_logps": denominator})
+        alp_loss, alp_grads = _loss_and_grads(alp, {**inputs, "sampling_per_token_logps": denominator})
+        torch.testing.assert_close(alp_loss, grpo_loss, atol=1e-6, rtol=0)
+        for name, grad in grpo_grads.items():
+            torch.testing.assert_close(alp_grads[name], grad, atol=1e-6, rtol=0, msg=name)
+    for key in ("entropy_coef", "policy_loss", "cispo_clip_ratio", "vespo/phi_seq_mean"):
+        if key in grpo._metrics["train"]:
+            assert alp._metrics["train"][key] == pytest.approx(grpo._metrics["train"][key]), key
+    if "entropy_coef" in extra:
+        assert grpo._metrics["train"]["entropy_coef"], "the entropy bonus was applied"
+    if loss_type == "cispo":
+        assert 0 < grpo._metrics["train"]["cispo_clip_ratio"][-1] < 1, "truncation exercised"
