@@ -185,8 +185,9 @@ def _tool_script(row: int, prompt_text: str) -> str:
     return '<tool_call>\n{"name": "add", "arguments": {"a": 3, "b": 4}}\n</tool_call><|im_end|>'
 
 
+@pytest.mark.parametrize("correction", ["alp", "none"])
 @pytest.mark.parametrize("how", ["tools", "environment"])
-def test_multi_turn_logprobs_line_up_with_completion_ids_and_tool_mask(make_model, train_args, how):
+def test_multi_turn_logprobs_line_up_with_completion_ids_and_tool_mask(make_model, train_args, how, correction):
     """TRL's tool / environment loop stitches two generation calls and a tool result: the stitched rollout log-probs
     equal, token for token, the policy's own log-probs of the stitched completion on the model's tokens (tool_mask 1),
     and are 0 on the tool's tokens; nothing is recomputed; ALP then trains on it."""
@@ -197,7 +198,9 @@ def test_multi_turn_logprobs_line_up_with_completion_ids_and_tool_mask(make_mode
     model = make_model()
     model.config.max_position_embeddings = 2048  # the tool schema makes a ~720-token prompt with this tokenizer
     dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": "What is 3 + 4?"}]] * 16})
-    args = ALPConfig(**{**train_args, "max_completion_length": 200}, perturb_sigma_init=0.05)
+    args = ALPConfig(
+        **{**train_args, "max_completion_length": 200}, off_policy_correction=correction, perturb_sigma_init=0.05
+    )
     extra = {"tools": [add]} if how == "tools" else {"environment_factory": AddEnvironment}
 
     def final_answer_reward(completions, **kwargs):  # the digit of the last message: differs by row
@@ -216,23 +219,27 @@ def test_multi_turn_logprobs_line_up_with_completion_ids_and_tool_mask(make_mode
     trainer.model.train()
     output = trainer._generate_and_score_completions(_first_batch(trainer))
     assert scripted.calls == 2, "two generation calls: before and after the tool"
-    assert trainer._metrics["train"]["alp/rollout_logps_recomputed"] == [0.0]
     assert trainer._metrics["train"]["tools/call_frequency"] == [1.0]
     tool_mask, mask = output["tool_mask"].bool(), output["completion_mask"].bool()
     assert (mask & ~tool_mask).any() and (mask & tool_mask).any()
-    sampled, clean = output["sampling_per_token_logps"], trainer._clean_policy_logps(output)
-    torch.testing.assert_close(sampled[mask & tool_mask], clean[mask & tool_mask], rtol=1e-4, atol=1e-4)
-    assert torch.all(sampled[mask & ~tool_mask] == 0.0)
+    if correction != "none":  # plain GRPO records nothing: TRL's own path
+        assert trainer._metrics["train"]["alp/rollout_logps_recomputed"] == [0.0]
+        sampled, clean = output["sampling_per_token_logps"], trainer._clean_policy_logps(output)
+        torch.testing.assert_close(sampled[mask & tool_mask], clean[mask & tool_mask], rtol=1e-4, atol=1e-4)
+        assert torch.all(sampled[mask & ~tool_mask] == 0.0)
     text = tokenizer.decode(output["completion_ids"][0][mask[0]])
     assert "<tool_response>\n7\n</tool_response>" in text and text.endswith("The answer is 0.<|im_end|>")
 
     before = named_params(trainer.model)
     trainer.train()
-    assert {"alp_perturbation.log_sigma", "model.layers.0.self_attn.q_proj.weight"} <= _changed(before, trainer.model)
+    expected = {"model.layers.0.self_attn.q_proj.weight"} | (
+        {"alp_perturbation.log_sigma"} if correction == "alp" else set()
+    )
+    assert expected <= _changed(before, trainer.model)
 
 
 # ------------------------------------------------------------------------------------------------- rollout_func
-@pytest.mark.parametrize("correction", ["alp", "bypass", "token_mis"])
+@pytest.mark.parametrize("correction", ["alp", "bypass", "token_mis", "none"])
 def test_rollout_func_logprobs_are_the_denominator(make_model, tokenizer, prompt_dataset, train_args, correction):
     """With TRL's `rollout_func`, the log-probs it returns are the rollout denominator, as returned (no recording,
     no recomputation, no state of the trainer's own generation path); training runs."""
@@ -266,7 +273,7 @@ def test_rollout_func_logprobs_are_the_denominator(make_model, tokenizer, prompt
     trainer.model.train()
     output = trainer._generate_and_score_completions(_first_batch(trainer))
     torch.testing.assert_close(output["sampling_per_token_logps"], torch.tensor(returned["logprobs"]))
-    assert trainer._metrics["train"]["alp/rollout_logps_recomputed"] == [0.0]
+    assert trainer._metrics["train"].get("alp/rollout_logps_recomputed", [0.0]) == [0.0]
     before = named_params(trainer.model)
     trainer.train()
     assert "model.layers.0.mlp.down_proj.weight" in _changed(before, trainer.model)
