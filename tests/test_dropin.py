@@ -178,6 +178,22 @@ class AddEnvironment:
         return a + b
 
 
+class OwnedEnvironment(AddEnvironment):
+    """An environment that owns the data (its `reset` writes the question) and the reward (`get_reward`)."""
+
+    instances = 0
+
+    def __init__(self):
+        type(self).instances += 1
+        self.reward = 0.1 * (type(self).instances % 4)
+
+    def reset(self, **kwargs):
+        return "What is 3 + 4?"
+
+    def get_reward(self):
+        return self.reward
+
+
 def _tool_script(row: int, prompt_text: str) -> str:
     """First turn: call `add`; after the tool's answer: a final answer whose digit differs by row (same length)."""
     if "<tool_response>" in prompt_text:
@@ -186,7 +202,7 @@ def _tool_script(row: int, prompt_text: str) -> str:
 
 
 @pytest.mark.parametrize("correction", ["alp", "none"])
-@pytest.mark.parametrize("how", ["tools", "environment"])
+@pytest.mark.parametrize("how", ["tools", "environment", "environment_owned"])
 def test_multi_turn_logprobs_line_up_with_completion_ids_and_tool_mask(make_model, train_args, how, correction):
     """TRL's tool / environment loop stitches two generation calls and a tool result: the stitched rollout log-probs
     equal, token for token, the policy's own log-probs of the stitched completion on the model's tokens (tool_mask 1),
@@ -198,17 +214,23 @@ def test_multi_turn_logprobs_line_up_with_completion_ids_and_tool_mask(make_mode
     model = make_model()
     model.config.max_position_embeddings = 2048  # the tool schema makes a ~720-token prompt with this tokenizer
     dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": "What is 3 + 4?"}]] * 16})
+    if how == "environment_owned":  # no prompt column: each rollout's reset() supplies the question
+        dataset = Dataset.from_dict({"id": list(range(16))})
     args = ALPConfig(
         **{**train_args, "max_completion_length": 200}, off_policy_correction=correction, perturb_sigma_init=0.05
     )
-    extra = {"tools": [add]} if how == "tools" else {"environment_factory": AddEnvironment}
+    extra = {
+        "tools": {"tools": [add]},
+        "environment": {"environment_factory": AddEnvironment},
+        "environment_owned": {"environment_factory": OwnedEnvironment},
+    }[how]
 
     def final_answer_reward(completions, **kwargs):  # the digit of the last message: differs by row
         return [float(c[-1]["content"].rstrip(".")[-1]) / 10 for c in completions]
 
     trainer = ALPGRPOTrainer(
         model=model,
-        reward_funcs=final_answer_reward,
+        reward_funcs=None if how == "environment_owned" else final_answer_reward,
         args=args,
         train_dataset=dataset,
         processing_class=tokenizer,
