@@ -12,7 +12,11 @@ from .attention_backend import CUDNN_SDPA_SETTINGS
 
 logger = logging.getLogger(__name__)
 
-OFF_POLICY_CORRECTIONS = ("alp", "bypass", "token_mis", "seq_mis", "tis", "none")
+OFF_POLICY_CORRECTIONS = ("alp", "bypass", "token_mis", "seq_mis", "tis", "seq_tis", "ppo", "none")
+# The baselines with an auxiliary rollout weight pi_old / pi_rollout (MIS: reject outside bounds; TIS: truncate).
+ROLLOUT_CORRECTIONS = ("token_mis", "seq_mis", "tis", "seq_tis")
+MIS_REJECTIONS = ("drop", "zero")
+MIS_AGGREGATIONS = ("sum", "mean")
 LAYER_SPECS = ("all", "early", "middle", "late", "logits", "none")
 SIGMA_SHAPES = ("scalar", "channel")
 NOISE_SCALES = ("absolute", "rms")
@@ -59,9 +63,11 @@ class ALPConfig(GRPOConfig):
         off_policy_correction (`str`, *optional*, defaults to `"alp"`):
             How the policy update corrects for the gap between the rollout (inference) policy and the trained policy.
             `"alp"`: ratio perturbed-policy / rollout-policy. `"bypass"`: ratio policy / rollout-policy, no noise.
-            `"token_mis"` / `"seq_mis"`: PPO ratio policy / old-policy times the weight old / rollout, masked outside
-            `[1/mis_threshold, mis_threshold]` per token / per sequence. `"tis"`: the same weight per token, truncated
-            at `mis_threshold`. `"none"`: plain `GRPOTrainer` behaviour. Token vs sequence ratio follows
+            `"token_mis"` / `"seq_mis"`: PPO ratio policy / old-policy times the weight old / rollout, rejected outside
+            `[mis_threshold_low, mis_threshold_high]` per token / per sequence. `"tis"` / `"seq_tis"`: the same weight
+            per token / per sequence, truncated at the upper bound. `"ppo"`: the PPO ratio policy / old-policy alone
+            (the GRPO baseline through this package's objective: same clamp, dual clip, aggregation and metrics as
+            the others). `"none"`: plain `GRPOTrainer` behaviour. Token vs sequence ratio follows
             `importance_sampling_level`.
         perturb_layers (`str` or `list[int]`, *optional*, defaults to `"all"`):
             Which decoder layers get noise on their input hidden state: `"all"`, `"early"`, `"middle"`, `"late"`
@@ -90,7 +96,25 @@ class ALPConfig(GRPOConfig):
         log_ratio_clamp (`float`, *optional*, defaults to `20.0`):
             Log-ratios are clamped to `[-log_ratio_clamp, log_ratio_clamp]` before the exponential.
         mis_threshold (`float`, *optional*, defaults to `3.0`):
-            `C` of the MIS / TIS baselines: weights outside `[1/C, C]` are masked (MIS) or truncated at `C` (TIS).
+            `C` of the MIS / TIS baselines when `mis_threshold_low` and `mis_threshold_high` are both unset: MIS
+            rejects weights outside `[1/C, C]`, TIS truncates at `C`.
+        mis_threshold_low (`float` or `None`, *optional*, defaults to `None`):
+            Lower bound of the auxiliary weight (MIS: reject below; TIS: raise to it). When only one of the two bounds
+            is set, the other side is unbounded.
+        mis_threshold_high (`float` or `None`, *optional*, defaults to `None`):
+            Upper bound of the auxiliary weight (MIS: reject above; TIS: truncate at it; TIS needs one).
+        mis_rejection (`str`, *optional*, defaults to `"drop"`):
+            `"drop"`: rejected tokens / sequences leave the loss mask and the loss's denominator (verl, slime, the
+            paper's reference code). `"zero"`: their weight is 0 but they still count in the denominator (TRL).
+        mis_aggregation (`str`, *optional*, defaults to `"sum"`):
+            Sequence-level auxiliary weight (`seq_mis`, `seq_tis`): product of the token ratios (`"sum"` of the
+            log-ratios) or their geometric mean (`"mean"`).
+        mis_veto_threshold (`float` or `None`, *optional*, defaults to `None`):
+            Reject a whole sequence when any of its token ratios old / rollout is below this (verl / slime "veto").
+            Only with a MIS / TIS correction.
+        log_rollout_mismatch (`bool`, *optional*, defaults to `False`):
+            Log the rollout engine's distance from the clean training policy (`rollout_mismatch/*`) at every
+            generation, with any correction. With `"none"` this is a metrics-only mode: the loss stays TRL's.
         rollout_mismatch (`str`, *optional*, defaults to `"none"`):
             Rollout-mismatch simulator for CPU / transformers generation (see `alp_trl.rollout_mismatch`): sample the
             completions from a deliberately different copy of the policy, `"bf16"` / `"fp16"` (weights rounded),
@@ -177,6 +201,44 @@ class ALPConfig(GRPOConfig):
         default=3.0,
         metadata={"help": "C of the MIS/TIS baselines: weights outside [1/C, C] are masked (MIS) or truncated (TIS)."},
     )
+    mis_threshold_low: float | None = field(
+        default=None,
+        metadata={
+            "help": "Lower bound of the MIS/TIS weight (None: 1/mis_threshold, or none if only the upper is set)."
+        },
+    )
+    mis_threshold_high: float | None = field(
+        default=None,
+        metadata={
+            "help": "Upper bound of the MIS/TIS weight (None: mis_threshold, or none if only the lower is set)."
+        },
+    )
+    mis_rejection: str = field(
+        default="drop",
+        metadata={
+            "help": "'drop': rejected tokens/sequences leave the loss and its denominator (verl, slime); 'zero': "
+            "weight 0, still counted in the denominator (TRL).",
+            "choices": list(MIS_REJECTIONS),
+        },
+    )
+    mis_aggregation: str = field(
+        default="sum",
+        metadata={
+            "help": "Sequence-level MIS/TIS weight: product ('sum' of log-ratios) or geometric mean ('mean').",
+            "choices": list(MIS_AGGREGATIONS),
+        },
+    )
+    mis_veto_threshold: float | None = field(
+        default=None,
+        metadata={"help": "Reject a sequence when any token's old/rollout ratio is below this (MIS/TIS only)."},
+    )
+    log_rollout_mismatch: bool = field(
+        default=False,
+        metadata={
+            "help": "Log the rollout engine's mismatch to the clean policy (rollout_mismatch/*); with "
+            "off_policy_correction='none' a metrics-only mode."
+        },
+    )
     rollout_mismatch: str = field(
         default="none",
         metadata={
@@ -233,8 +295,31 @@ class ALPConfig(GRPOConfig):
 
     @property
     def uses_rollout_logps(self) -> bool:
-        """Whether the objective needs the log-probs of the policy that sampled the rollout."""
-        return self.off_policy_correction != "none"
+        """Whether the trainer needs the log-probs of the policy that sampled the rollout (objective or metrics)."""
+        return self.off_policy_correction != "none" or self.log_rollout_mismatch
+
+    @property
+    def mis_bounds(self) -> tuple[float | None, float | None]:
+        """`(low, high)` of the MIS / TIS weight: the explicit bounds, else `[1/C, C]` (MIS) or `C` (TIS)."""
+        if self.mis_threshold_low is None and self.mis_threshold_high is None:
+            truncate = self.off_policy_correction in ("tis", "seq_tis")
+            return (None if truncate else 1.0 / self.mis_threshold), self.mis_threshold
+        return self.mis_threshold_low, self.mis_threshold_high
+
+    def rollout_correction_kwargs(self) -> dict:
+        """Keyword arguments of `objectives.rollout_correction` for this config's MIS / TIS correction."""
+        low, high = self.mis_bounds
+        correction = self.off_policy_correction
+        return {
+            "level": "sequence" if correction in ("seq_mis", "seq_tis") else "token",
+            "mode": "truncate" if correction in ("tis", "seq_tis") else "mask",
+            "low": low,
+            "high": high,
+            "aggregation": self.mis_aggregation,
+            "veto": self.mis_veto_threshold,
+            "rejection": self.mis_rejection,
+            "clamp": self.log_ratio_clamp,
+        }
 
     def _validate_generation_kwargs(self) -> None:
         """Refuse decoding that does not sample from the policy when the objective needs rollout log-probs: beam search,
@@ -257,6 +342,29 @@ class ALPConfig(GRPOConfig):
                     f"off_policy_correction={self.off_policy_correction!r} has no rollout probability to divide by. "
                     "Sample instead (remove the key), or use off_policy_correction='none'."
                 )
+
+    def _validate_rollout_correction_fields(self) -> None:
+        _check_choice("mis_rejection", self.mis_rejection, MIS_REJECTIONS)
+        _check_choice("mis_aggregation", self.mis_aggregation, MIS_AGGREGATIONS)
+        for name in ("mis_threshold_low", "mis_threshold_high", "mis_veto_threshold"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"`{name}` must be a finite number > 0 or None, got {value!r}.")
+        low, high = self.mis_threshold_low, self.mis_threshold_high
+        if low is not None and high is not None and low >= high:
+            raise ValueError(f"`mis_threshold_low` ({low}) must be below `mis_threshold_high` ({high}).")
+        correction = self.off_policy_correction
+        explicit = [n for n in ("mis_threshold_low", "mis_threshold_high", "mis_veto_threshold") if getattr(self, n)]
+        if explicit and correction not in ROLLOUT_CORRECTIONS:
+            raise ValueError(
+                f"`{explicit[0]}` applies to the MIS / TIS corrections {list(ROLLOUT_CORRECTIONS)}, but "
+                f"off_policy_correction={correction!r} has no auxiliary rollout weight: unset it or pick one of them."
+            )
+        if correction in ("tis", "seq_tis") and low is not None and high is None:
+            raise ValueError(
+                f"off_policy_correction={correction!r} truncates at an upper bound: set `mis_threshold_high` (or "
+                "unset `mis_threshold_low` to use `mis_threshold`)."
+            )
 
     def _validate_alp_fields(self) -> None:
         _check_choice("off_policy_correction", self.off_policy_correction, OFF_POLICY_CORRECTIONS)
@@ -305,6 +413,7 @@ class ALPConfig(GRPOConfig):
                 f"`mis_threshold` must be > 1 (weights outside [1/C, C] are masked or truncated), got "
                 f"{self.mis_threshold}."
             )
+        self._validate_rollout_correction_fields()
         if self.off_policy_correction == "alp" and self.perturb_sigma_learnable and self.perturb_sigma_init == 0:
             logger.warning(
                 "perturb_sigma_init=0 with perturb_sigma_learnable=True: sigma = exp(log_sigma) = 0 has zero "

@@ -81,3 +81,60 @@ def binned_log_ratio_envelope(
         row.update({f"q{round(q * 100):02d}": float(v) for q, v in zip(quantiles, qs)})
         rows.append(row)
     return rows
+
+
+@torch.no_grad()
+def importance_weight_sums(
+    log_ratio: torch.Tensor,
+    mask: torch.Tensor,
+    level: str = "token",
+    aggregation: str = "mean",
+    clamp: float = 20.0,
+) -> dict[str, torch.Tensor]:
+    """
+    Rank-local sums behind the importance-weight diagnostics of verl / slime, for the train-vs-rollout log-ratio
+    `log(pi_train / pi_rollout)` `(B, T)` at the ratio's `level` (tokens, or sequences with `aggregation`):
+
+    `w_sum`, `w2_sum`, `count` (weights `w = exp(clamp(log_ratio))` over tokens or non-empty sequences), `ppl_ratio_sum`
+    (over sequences: training perplexity / rollout perplexity = `exp(-mean_t log_ratio)`), `sequences`,
+    `clamped_sequences` (a token, or the sequence, beyond `clamp`), and `abs_max_preclamp`. Reduced over ranks, they
+    give `chi2 = sum w^2 / count - 1`, `ess_frac = (sum w)^2 / (count sum w^2)`, the mean perplexity ratio, the clamped
+    fraction and the largest log-ratio before clamping (`weight_diagnostics`).
+    """
+    mask_f = mask.to(torch.float32)
+    lr = log_ratio.detach().float() * mask_f
+    tokens = mask_f.sum(-1, keepdim=True)
+    has = (tokens > 0).float()
+    mean_lr = lr.sum(-1, keepdim=True) / tokens.clamp(min=1.0)
+    if level == "sequence":
+        seq_lr = mean_lr if aggregation == "mean" else lr.sum(-1, keepdim=True)
+        w = torch.exp(seq_lr.clamp(-clamp, clamp)) * has
+        count, abs_max = has.sum(), (seq_lr.abs() * has).max() if has.numel() else torch.zeros(())
+        clamped = (seq_lr.abs() > clamp).float() * has
+    else:
+        w = torch.exp(lr.clamp(-clamp, clamp)) * mask_f
+        count, abs_max = mask_f.sum(), lr.abs().max() if lr.numel() else torch.zeros(())
+        clamped = ((lr.abs() > clamp).float() * mask_f).amax(-1, keepdim=True) if lr.numel() else has
+    return {
+        "w_sum": w.sum(),
+        "w2_sum": (w * w).sum(),
+        "count": count,
+        "ppl_ratio_sum": (torch.exp(-mean_lr) * has).sum(),
+        "sequences": has.sum(),
+        "clamped_sequences": clamped.sum(),
+        "abs_max_preclamp": abs_max,
+    }
+
+
+def weight_diagnostics(sums: dict[str, float]) -> dict[str, float]:
+    """The diagnostics from (rank-reduced) `importance_weight_sums`: `is_weight_chi2`, `is_weight_ess_frac`,
+    `ppl_ratio`, `seq_clamped_frac` (and `abs_max_preclamp` passed through)."""
+    count, w_sum, w2_sum = sums["count"], sums["w_sum"], sums["w2_sum"]
+    sequences = max(sums["sequences"], 1.0)
+    return {
+        "is_weight_chi2": w2_sum / count - 1.0 if count else 0.0,
+        "is_weight_ess_frac": w_sum**2 / (count * w2_sum) if count and w2_sum else 1.0,
+        "ppl_ratio": sums["ppl_ratio_sum"] / sequences,
+        "seq_clamped_frac": sums["clamped_sequences"] / sequences,
+        "abs_max_preclamp": sums["abs_max_preclamp"],
+    }

@@ -204,35 +204,82 @@ def entropy_bonus_term(entropies: torch.Tensor, mask: torch.Tensor) -> torch.Ten
     return masked_mean(entropies, mask)
 
 
+@dataclass
+class RolloutCorrection:
+    """The auxiliary rollout correction of the MIS / TIS baselines for one batch (all detached, `(B, T)`).
+
+    `weight` multiplies the per-token loss (0 where rejected); `keep` is the loss mask the rejection leaves (0 on
+    rejected tokens / sequences with `rejection="drop"`, all ones with `"zero"`); `rejected`, `truncated` and `vetoed`
+    mark what fired, for the metrics.
+    """
+
+    weight: torch.Tensor
+    keep: torch.Tensor
+    rejected: torch.Tensor
+    truncated: torch.Tensor
+    vetoed: torch.Tensor
+
+
 @torch.no_grad()
-def rollout_correction_weight(
+def rollout_correction(
     old_logps: torch.Tensor,
     rollout_logps: torch.Tensor,
     mask: torch.Tensor,
     level: str = "token",
-    threshold: float = 3.0,
     mode: str = "mask",
+    low: float | None = None,
+    high: float | None = 3.0,
+    aggregation: str = "sum",
+    veto: float | None = None,
+    rejection: str = "drop",
     clamp: float = 20.0,
-) -> torch.Tensor:
+) -> RolloutCorrection:
     """
-    Detached auxiliary weight `w = pi_old / pi_rollout` of the MIS / TIS baselines, `(B, T)` or `(B, 1)`.
+    The auxiliary weight `w = pi_old / pi_rollout` of the MIS / TIS baselines (verl's rollout correction, slime's
+    MIS / TIS, TRL's `vllm_importance_sampling_mode`), as a pure function.
 
-    `level="sequence"` uses the product of the token ratios over the completion. `mode="mask"` (MIS) zeroes weights
-    outside `[1/threshold, threshold]`; `mode="truncate"` (TIS) caps them at `threshold`. Tokens whose rollout log-prob
-    is NaN count as ratio 1.
+    - `level="token"`: one weight per token; `"sequence"`: the sequence's weight on all its tokens, the product of the
+      token ratios (`aggregation="sum"` of the log-ratios) or their geometric mean (`"mean"`).
+    - `mode="mask"` (MIS): weights below `low` or above `high` are rejected (a bound that is `None` is not checked);
+      `mode="truncate"` (TIS): weights are clamped to `[low, high]` (`high` is required, `low` optional).
+    - `veto`: a sequence with any token ratio below `veto` is rejected whole (both modes).
+    - `rejection="drop"` removes rejected tokens / sequences from the loss mask (`keep`), so they leave the loss's
+      denominator too (verl, slime); `"zero"` only zeroes their weight and keeps them in the denominator (TRL).
+
+    Tokens whose rollout log-prob is NaN count as ratio 1. Log-weights are clamped to `[-clamp, clamp]`.
     """
-    log_w = torch.nan_to_num(old_logps - rollout_logps, nan=0.0) * mask.to(old_logps.dtype)
-    if level == "sequence":
-        log_w = log_w.sum(-1, keepdim=True)
-    elif level != "token":
+    if level not in ("token", "sequence"):
         raise ValueError(f"Unknown level {level!r}; allowed values are ['token', 'sequence'].")
+    if mode not in ("mask", "truncate"):
+        raise ValueError(f"Unknown mode {mode!r}; allowed values are ['mask', 'truncate'].")
+    if rejection not in ("drop", "zero"):
+        raise ValueError(f"Unknown rejection {rejection!r}; allowed values are ['drop', 'zero'].")
+    mask_f = mask.to(old_logps.dtype)
+    token_log_w = torch.nan_to_num(old_logps - rollout_logps, nan=0.0) * mask_f
+    log_w = token_log_w if level == "token" else sequence_log_ratio(token_log_w, mask_f, aggregation).expand_as(mask_f)
     w = torch.exp(log_w.clamp(-clamp, clamp))
+    on = mask_f.bool()
+    rejected = torch.zeros_like(on)
+    truncated = torch.zeros_like(on)
     if mode == "truncate":
-        return w.clamp(max=threshold)
-    if mode == "mask":
-        keep = (w >= 1.0 / threshold) & (w <= threshold)
-        return w * keep.to(w.dtype)
-    raise ValueError(f"Unknown mode {mode!r}; allowed values are ['mask', 'truncate'].")
+        if high is None:
+            raise ValueError("mode='truncate' needs an upper bound `high`.")
+        clamped = w.clamp(min=low, max=high)
+        truncated = (clamped != w) & on
+        w = clamped
+    else:
+        if low is not None:
+            rejected |= w < low
+        if high is not None:
+            rejected |= w > high
+        rejected &= on
+    vetoed = torch.zeros_like(on[:, :1])
+    if veto is not None:
+        vetoed = ((torch.exp(token_log_w.clamp(-clamp, clamp)) < veto) & on).any(-1, keepdim=True)
+        rejected |= vetoed & on
+    weight = w * (~rejected).to(w.dtype) * mask_f
+    keep = (~rejected).to(mask_f.dtype) if rejection == "drop" else torch.ones_like(mask_f)
+    return RolloutCorrection(weight, keep, rejected, truncated, vetoed.expand_as(on))
 
 
 def low_variance_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:

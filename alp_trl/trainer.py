@@ -31,8 +31,8 @@ from .attention_backend import (
     sdpa_backends_restored,
     sdpa_backends_without_cudnn,
 )
-from .config import ALPConfig
-from .diagnostics import mismatch_statistics, ratio_statistics
+from .config import ROLLOUT_CORRECTIONS, ALPConfig
+from .diagnostics import importance_weight_sums, mismatch_statistics, ratio_statistics, weight_diagnostics
 from .nonfinite_guard import NonFiniteStepGuard, is_finite_number
 from .objectives import (
     aggregate_loss,
@@ -43,7 +43,7 @@ from .objectives import (
     kl_correction_weight,
     low_variance_kl,
     off_policy_sequence_mask,
-    rollout_correction_weight,
+    rollout_correction,
     sapo_surrogate,
     vespo_gamma_weight,
     vespo_surrogate,
@@ -305,6 +305,7 @@ class ALPGRPOTrainer(GRPOTrainer):
             output = super()._generate_and_score_completions(inputs)
         if not self._records_rollout_logps:
             return output
+        args = self.args
         mask = output["completion_mask"]
         if "tool_mask" in output:
             mask = mask * output["tool_mask"]
@@ -314,8 +315,10 @@ class ALPGRPOTrainer(GRPOTrainer):
         flag = torch.tensor(float(missing), device=self.accelerator.device)
         any_missing = self.accelerator.reduce(flag, reduction="sum").item() > 0
         self._metrics[mode]["alp/rollout_logps_recomputed"].append(float(missing))
+        clean = output.get("old_per_token_logps")  # TRL's old-policy log-probs, when it computed them
         if any_missing:
             recomputed = self._clean_policy_logps(output)
+            clean = recomputed if clean is None else clean
             if missing:
                 self._warn_missing_rollout_logps(self._rollout_logps_problem)
                 output["sampling_per_token_logps"] = recomputed
@@ -323,10 +326,20 @@ class ALPGRPOTrainer(GRPOTrainer):
         nan_count = (torch.isnan(rollout) & mask.bool()).sum().float()
         totals = self.accelerator.reduce(torch.stack([nan_count, mask.sum().float()]), reduction="sum")
         self._metrics[mode]["alp/rollout_logp_nan_frac"].append((totals[0] / totals[1].clamp(min=1.0)).item())
-        if self.args.rollout_mismatch != "none":
-            # The simulated engine's distance from the clean policy (what vLLM's mismatch would be on a GPU).
-            clean = output.get("old_per_token_logps")
-            clean = self._clean_policy_logps(output) if clean is None else clean
+
+        correction = args.off_policy_correction
+        if correction in ROLLOUT_CORRECTIONS:
+            # The auxiliary weight pi_old / pi_rollout is fixed for the whole generation batch (the old policy is the
+            # one that generated it), so it is computed here, once, as verl does: a rejection can then leave the
+            # loss's global denominator (`num_items_in_batch`) too.
+            if clean is None:
+                clean = self._clean_policy_logps(output)
+            output["old_per_token_logps"] = clean
+            self._apply_rollout_correction(output, clean, rollout, mask, mode)
+        if args.rollout_mismatch != "none" or args.log_rollout_mismatch:
+            # The engine's distance from the clean policy (the simulator's, or vLLM's / transformers generation's).
+            if clean is None:
+                clean = self._clean_policy_logps(output)
             stats = mismatch_statistics(clean, rollout, mask)
             keys = ("logp_abs_diff_mean", "logp_abs_diff_max", "prob_abs_diff_max", "kl_k3")
             gathered = self.accelerator.gather(torch.stack([stats[k] for k in keys]).unsqueeze(0)).view(-1, 4)
@@ -334,7 +347,43 @@ class ALPGRPOTrainer(GRPOTrainer):
                 values = gathered[:, column]
                 value = values.max() if key.endswith("_max") else values.mean()
                 self._metrics[mode][f"rollout_mismatch/{key}"].append(value.item())
+        if correction == "none" and args.rollout_mismatch == "none" and not self.use_vllm:
+            # metrics-only (`log_rollout_mismatch`): TRL's loss must not see log-probs it would not have had
+            output.pop("sampling_per_token_logps", None)
         return output
+
+    def _apply_rollout_correction(self, output, old_logps, rollout_logps, mask, mode) -> None:
+        """The MIS / TIS weight and rejection of a generation batch (`objectives.rollout_correction`): stored in the
+        batch for `_compute_loss`, rejected tokens dropped from `num_items_in_batch`, what fired logged."""
+        args = self.args
+        spec = args.rollout_correction_kwargs()
+        corr = rollout_correction(old_logps, rollout_logps, mask, **spec)
+        output["rollout_is_weight"], output["rollout_keep"] = corr.weight, corr.keep
+        mask_f = mask.float()
+        if args.mis_rejection == "drop":
+            output["num_items_in_batch"] = self.accelerator.gather((mask_f * corr.keep).sum()).sum()
+        seq_mask = (mask_f.sum(-1) > 0).float()
+        sequence = spec["level"] == "sequence"
+        rejected = _sequence_flag(corr.rejected, mask).squeeze(-1).float() if sequence else corr.rejected.float()
+        truncated = _sequence_flag(corr.truncated, mask).squeeze(-1).float() if sequence else corr.truncated.float()
+        denominator = seq_mask if sequence else mask_f
+        local = torch.stack(
+            [
+                (rejected * denominator).sum(),
+                (truncated * denominator).sum(),
+                denominator.sum(),
+                (corr.vetoed[:, 0].float() * seq_mask).sum(),
+                seq_mask.sum(),
+            ]
+        )
+        rej, trunc, count, vetoed, sequences = self.accelerator.reduce(local, reduction="sum").tolist()
+        metrics = self._metrics[mode]
+        if spec["mode"] == "truncate":
+            metrics["alp/tis_truncated_frac"].append(trunc / max(count, 1.0))
+        if spec["mode"] == "mask" or spec["veto"] is not None:
+            metrics["alp/mis_masked_frac"].append(rej / max(count, 1.0))
+        if spec["veto"] is not None:
+            metrics["alp/mis_veto_frac"].append(vetoed / max(sequences, 1.0))
 
     def _warn_missing_rollout_logps(self, problem: str | None = None) -> None:
         if self._warned_missing_rollout_logps:
@@ -489,20 +538,19 @@ class ALPGRPOTrainer(GRPOTrainer):
         rollout_logps = torch.where(torch.isnan(rollout_logps), per_token_logps.detach(), rollout_logps)
 
         level = self.importance_sampling_level
+        weight = None
         if correction in ("alp", "bypass"):
-            denominator, weight = rollout_logps, None
-        else:
+            denominator = rollout_logps
+        else:  # ppo and the MIS / TIS baselines: the PPO ratio against the old policy
             old_logps = inputs.get("old_per_token_logps")
             denominator = per_token_logps.detach() if old_logps is None else old_logps
-            weight = rollout_correction_weight(
-                denominator,
-                rollout_logps,
-                mask,
-                level="sequence" if correction == "seq_mis" else "token",
-                threshold=args.mis_threshold,
-                mode="truncate" if correction == "tis" else "mask",
-                clamp=args.log_ratio_clamp,
-            )
+            if correction in ROLLOUT_CORRECTIONS:
+                if "rollout_is_weight" in inputs:  # computed once per generation batch
+                    weight, keep = inputs["rollout_is_weight"], inputs["rollout_keep"]
+                else:  # a batch built by hand: the same weight, from this micro-batch alone
+                    corr = rollout_correction(denominator, rollout_logps, mask, **args.rollout_correction_kwargs())
+                    weight, keep = corr.weight, corr.keep
+                mask = mask * keep
         log_ratio = importance_log_ratio(
             per_token_logps, denominator, mask, level, args.sequence_ratio_aggregation, args.log_ratio_clamp
         )
@@ -568,7 +616,7 @@ class ALPGRPOTrainer(GRPOTrainer):
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
 
-        self._log_loss_metrics(mode, per_token_logps, rollout_logps, mask, entropies, surrogate, weight, extra)
+        self._log_loss_metrics(mode, per_token_logps, rollout_logps, mask, entropies, surrogate, extra)
         return loss
 
     def _entropy_bonus(self, entropies, mask, entropy_mask, mode, accumulation, policy_loss) -> torch.Tensor:
@@ -608,9 +656,9 @@ class ALPGRPOTrainer(GRPOTrainer):
             logs["train/nonfinite_steps"] = float(self._nonfinite.total_skipped)
         super().log(logs, start_time)
 
-    def _log_loss_metrics(self, mode, per_token_logps, rollout_logps, mask, entropies, surrogate, weight, extra):
+    def _log_loss_metrics(self, mode, per_token_logps, rollout_logps, mask, entropies, surrogate, extra):
         """Log the loss metrics with one reduction and one gather (each extra GPU sync would stall the step)."""
-        metrics = self._metrics[mode]
+        metrics, args = self._metrics[mode], self.args
         low, high, dual = surrogate.low_clipped, surrogate.high_clipped, surrogate.dual_clipped
         flags = {
             "clip_ratio/low_mean": low,
@@ -623,12 +671,6 @@ class ALPGRPOTrainer(GRPOTrainer):
             flags["cispo_clip_ratio"] = high
         if self.importance_sampling_level == "sequence":  # a sequence's flags are the same on all its tokens
             flags = {name: _sequence_flag(value, mask) for name, value in flags.items()}
-        if weight is not None:
-            tis = self.args.off_policy_correction == "tis"
-            hit = weight >= self.args.mis_threshold if tis else weight == 0
-            if self.args.off_policy_correction == "seq_mis":
-                hit = _sequence_flag(hit, mask)
-            flags["alp/tis_truncated_frac" if tis else "alp/mis_masked_frac"] = hit
         token_means = {"entropy": entropies, **flags, **extra}
         # A per-sequence value (shape (B, 1): sequence-level clipping / MIS flags) is a fraction of sequences, as in
         # TRL's GRPO; a per-token value a fraction of completion tokens.
@@ -639,17 +681,36 @@ class ALPGRPOTrainer(GRPOTrainer):
             value = value.detach().float()
             per_sequence.append(value.dim() == 2 and value.size(-1) == 1 and mask_f.size(-1) > 1)
             sums.append((value * seq_mask).sum() if per_sequence[-1] else (value.expand_as(mask_f) * mask_f).sum())
-        totals = self.accelerator.reduce(torch.stack([*sums, mask_f.sum(), seq_mask.sum()]), reduction="sum")
-        *totals, num_tokens, num_sequences = totals.tolist()
+        # the importance-weight diagnostics (train vs rollout, at the ratio's level), in the same reduction
+        train_rollout = per_token_logps.detach() - rollout_logps
+        weight_sums = importance_weight_sums(
+            train_rollout, mask, self.importance_sampling_level, args.sequence_ratio_aggregation, args.log_ratio_clamp
+        )
+        summed = [k for k in weight_sums if k != "abs_max_preclamp"]
+        totals = self.accelerator.reduce(
+            torch.stack([*sums, *(weight_sums[k] for k in summed), mask_f.sum(), seq_mask.sum()]), reduction="sum"
+        ).tolist()
+        num_tokens, num_sequences = totals[-2], totals[-1]
         for name, total, sequence in zip(token_means, totals, per_sequence):
             metrics[name].append(total / max(num_sequences if sequence else num_tokens, 1.0))
+        reduced_weights = dict(zip(summed, totals[len(sums) : len(sums) + len(summed)]))
 
         # Token-level train-vs-rollout statistics (the train side is the perturbed policy under ALP).
-        stats = ratio_statistics(per_token_logps.detach() - rollout_logps, mask)
+        stats = ratio_statistics(train_rollout, mask)
+        stats["abs_max_preclamp"] = weight_sums["abs_max_preclamp"]
         # TRL's per-sequence extremes of the clip fractions: the least low-clipped and the most high-clipped sequence
         stats["low_min"] = _per_sequence_mean(low, mask_f).min()
         stats["high_max"] = _per_sequence_mean(high, mask_f).max()
-        keys = ("ratio_p50", "ratio_p99", "ratio_max", "log_ratio_abs_max", "kl_k3", "low_min", "high_max")
+        keys = (
+            "ratio_p50",
+            "ratio_p99",
+            "ratio_max",
+            "log_ratio_abs_max",
+            "kl_k3",
+            "low_min",
+            "high_max",
+            "abs_max_preclamp",
+        )
         gathered = self.accelerator.gather(torch.stack([stats[k] for k in keys]).unsqueeze(0)).view(-1, len(keys))
         means, maxima = gathered.mean(0).tolist(), gathered.max(0).values.tolist()
         metrics["clip_ratio/low_min"].append(gathered[:, 5].min().item())
@@ -659,6 +720,12 @@ class ALPGRPOTrainer(GRPOTrainer):
         metrics["alp/ratio/max"].append(maxima[2])
         metrics["alp/log_ratio_abs_max"].append(maxima[3])
         metrics["alp/train_rollout_kl"].append(means[4])
+        diagnostics = weight_diagnostics({**reduced_weights, "abs_max_preclamp": maxima[7]})
+        metrics["alp/is_weight_chi2"].append(diagnostics["is_weight_chi2"])
+        metrics["alp/is_weight_ess_frac"].append(diagnostics["is_weight_ess_frac"])
+        metrics["alp/ppl_ratio"].append(diagnostics["ppl_ratio"])
+        metrics["alp/log_ratio_abs_max_preclamp"].append(diagnostics["abs_max_preclamp"])
+        metrics["alp/seq_clamped_frac"].append(diagnostics["seq_clamped_frac"])
         if self.perturbation is not None:
             per_layer = self.perturbation.sigma_per_layer()  # every rank: under ZeRO-3 this gathers sigma
             self._last_sigma_per_layer = per_layer

@@ -24,7 +24,12 @@ def test_defaults_follow_the_paper(tmp_path):
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("off_policy_correction", "ppo", r"off_policy_correction.*\['alp', 'bypass'"),
+        ("off_policy_correction", "grpo", r"off_policy_correction.*\['alp', 'bypass'"),
+        ("mis_rejection", "skip", r"mis_rejection.*\['drop', 'zero'\]"),
+        ("mis_aggregation", "max", r"mis_aggregation.*\['sum', 'mean'\]"),
+        ("mis_threshold_low", 0.0, r"mis_threshold_low.*> 0"),
+        ("mis_threshold_high", -1.0, r"mis_threshold_high.*> 0"),
+        ("mis_veto_threshold", float("inf"), r"mis_veto_threshold.*finite"),
         ("perturb_layers", "bottom", r"perturb_layers.*'all', 'early'"),
         ("perturb_layers", [], r"perturb_layers"),
         ("perturb_layers", [0, "a"], r"perturb_layers"),
@@ -64,6 +69,48 @@ def test_trl_vllm_correction_never_stacks(tmp_path):
     with pytest.raises(ValueError, match="vllm_importance_sampling_correction.*stack"):
         make(tmp_path, vllm_importance_sampling_correction=True)
     assert make(tmp_path, off_policy_correction="none", vllm_importance_sampling_correction=False)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (
+            {"off_policy_correction": "token_mis", "mis_threshold_low": 2.0, "mis_threshold_high": 1.5},
+            r"low.*\(2.0\) must be below.*\(1.5\)",
+        ),
+        (
+            {"off_policy_correction": "alp", "mis_veto_threshold": 1e-4},
+            r"mis_veto_threshold.*off_policy_correction='alp'",
+        ),
+        (
+            {"off_policy_correction": "none", "mis_threshold_high": 2.0},
+            r"mis_threshold_high.*off_policy_correction='none'",
+        ),
+        (
+            {"off_policy_correction": "ppo", "mis_threshold_low": 0.5},
+            r"mis_threshold_low.*off_policy_correction='ppo'",
+        ),
+        ({"off_policy_correction": "seq_tis", "mis_threshold_low": 0.5}, r"seq_tis.*truncates.*mis_threshold_high"),
+    ],
+)
+def test_inconsistent_rollout_correction_fields_are_refused(tmp_path, fields, message):
+    with pytest.raises(ValueError, match=message):
+        make(tmp_path, **fields)
+
+
+@pytest.mark.parametrize(
+    ("fields", "bounds"),
+    [
+        ({"off_policy_correction": "token_mis"}, (1 / 3, 3.0)),
+        ({"off_policy_correction": "seq_mis", "mis_threshold": 2.0}, (0.5, 2.0)),
+        ({"off_policy_correction": "tis"}, (None, 3.0)),
+        ({"off_policy_correction": "seq_tis", "mis_threshold_high": 5.0}, (None, 5.0)),
+        ({"off_policy_correction": "token_mis", "mis_threshold_low": 0.2}, (0.2, None)),
+        ({"off_policy_correction": "token_mis", "mis_threshold_low": 0.2, "mis_threshold_high": 4.0}, (0.2, 4.0)),
+    ],
+)
+def test_mis_bounds_default_to_mis_threshold_and_are_one_sided_when_one_is_set(tmp_path, fields, bounds):
+    assert make(tmp_path, **fields).mis_bounds == pytest.approx(bounds)
 
 
 @pytest.mark.parametrize("correction", ["token_mis", "seq_mis", "tis"])

@@ -13,7 +13,7 @@ from alp_trl.objectives import (
     low_variance_kl,
     masked_mean,
     off_policy_sequence_mask,
-    rollout_correction_weight,
+    rollout_correction,
     sapo_surrogate,
     sequence_log_ratio,
     vespo_gamma_weight,
@@ -105,23 +105,52 @@ def test_delta_two_sided_clip():
 
 def test_mis_and_tis_weights():
     old, rollout, mask = t([-1.0, -1.0, -1.0, -1.0]), t([-1.0, -3.0, 0.5, -1.2]), t([1, 1, 1, 1])
-    # token ratios old/rollout: 1, e^2, e^-1.5, e^0.2 ; C = 3
-    mis = rollout_correction_weight(old, rollout, mask, "token", threshold=3.0, mode="mask")
-    assert_values(mis, [[1.0, 0.0, 0.0, math.exp(0.2)]])
-    tis = rollout_correction_weight(old, rollout, mask, "token", threshold=3.0, mode="truncate")
-    assert_values(tis, [[1.0, 3.0, math.exp(-1.5), math.exp(0.2)]])
-    # sequence: product of the token ratios = exp(0 + 2 - 1.5 + 0.2) = e^0.7 ~ 2.01 inside [1/3, 3]
-    seq = rollout_correction_weight(old, rollout, mask, "sequence", threshold=3.0, mode="mask")
-    assert_values(seq, [[math.exp(0.7)]])
-    seq_small_c = rollout_correction_weight(old, rollout, mask, "sequence", threshold=2.0, mode="mask")
-    assert seq_small_c.tolist() == [[0.0]]
+    # token ratios old/rollout: 1, e^2, e^-1.5, e^0.2 ; C = 3: [1/3, 3]
+    mis = rollout_correction(old, rollout, mask, "token", "mask", low=1 / 3, high=3.0)
+    assert_values(mis.weight, [[1.0, 0.0, 0.0, math.exp(0.2)]])
+    assert mis.keep.tolist() == [[1.0, 0.0, 0.0, 1.0]], "drop: rejected tokens leave the loss mask"
+    assert mis.rejected.tolist() == [[False, True, True, False]]
+    zero = rollout_correction(old, rollout, mask, "token", "mask", low=1 / 3, high=3.0, rejection="zero")
+    assert_values(zero.weight, [[1.0, 0.0, 0.0, math.exp(0.2)]])
+    assert zero.keep.tolist() == [[1.0, 1.0, 1.0, 1.0]], "zero: rejected tokens stay in the denominator"
+    tis = rollout_correction(old, rollout, mask, "token", "truncate", high=3.0)
+    assert_values(tis.weight, [[1.0, 3.0, math.exp(-1.5), math.exp(0.2)]])
+    assert tis.truncated.tolist() == [[False, True, False, False]] and tis.keep.tolist() == [[1.0] * 4]
+    tis_low = rollout_correction(old, rollout, mask, "token", "truncate", low=0.5, high=3.0)
+    assert_values(tis_low.weight, [[1.0, 3.0, 0.5, math.exp(0.2)]])
+    # sequence: product of the token ratios = exp(0 + 2 - 1.5 + 0.2) = e^0.7 ~ 2.01 inside [1/3, 3], on every token
+    seq = rollout_correction(old, rollout, mask, "sequence", "mask", low=1 / 3, high=3.0)
+    assert_values(seq.weight, [[math.exp(0.7)] * 4])
+    seq_small_c = rollout_correction(old, rollout, mask, "sequence", "mask", low=0.5, high=2.0)
+    assert seq_small_c.weight.tolist() == [[0.0] * 4] and seq_small_c.keep.tolist() == [[0.0] * 4]
+    # geometric mean: exp(0.7 / 4)
+    seq_mean = rollout_correction(old, rollout, mask, "sequence", "mask", low=0.5, high=2.0, aggregation="mean")
+    assert_values(seq_mean.weight, [[math.exp(0.175)] * 4])
+    seq_tis = rollout_correction(old, rollout, mask, "sequence", "truncate", high=2.0)
+    assert_values(seq_tis.weight, [[2.0] * 4])
+    # one-sided: only the upper bound rejects
+    upper = rollout_correction(old, rollout, mask, "token", "mask", low=None, high=3.0)
+    assert_values(upper.weight, [[1.0, 0.0, math.exp(-1.5), math.exp(0.2)]])
+
+
+def test_veto_rejects_whole_sequences_with_a_tiny_token_ratio():
+    old = t([-1.0, -1.0, -1.0], [-1.0, -1.0, -1.0])
+    rollout = t([-1.0, 3.0, -1.0], [-1.0, -0.5, -1.0])  # row 0 has a token ratio e^-4 ~ 0.018
+    mask = t([1, 1, 1], [1, 1, 0])
+    corr = rollout_correction(old, rollout, mask, "token", "truncate", high=3.0, veto=0.05)
+    assert corr.vetoed[:, 0].tolist() == [True, False]
+    assert corr.keep.tolist() == [[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]]
+    assert_values(corr.weight, [[0.0, 0.0, 0.0], [1.0, math.exp(-0.5), 0.0]])
+    # a masked-out token can not veto
+    masked = rollout_correction(old, rollout, t([1, 0, 1], [1, 1, 0]), "token", "mask", low=0.2, high=3.0, veto=0.05)
+    assert masked.vetoed[:, 0].tolist() == [False, False]
 
 
 def test_rollout_weight_treats_nan_as_ratio_one_and_is_detached():
     old = t([-1.0, -2.0]).requires_grad_()
-    w = rollout_correction_weight(old, t([float("nan"), -2.0]), t([1, 1]), "token", 3.0)
-    assert w.tolist() == [[1.0, 1.0]]
-    assert not w.requires_grad
+    corr = rollout_correction(old, t([float("nan"), -2.0]), t([1, 1]), "token", "mask", low=1 / 3, high=3.0)
+    assert corr.weight.tolist() == [[1.0, 1.0]]
+    assert not corr.weight.requires_grad
 
 
 def test_low_variance_kl():

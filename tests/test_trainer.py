@@ -292,18 +292,79 @@ def test_checkpoint_holds_sigma_beside_the_weights_and_resume_restores_it(
     torch.testing.assert_close(resumed.perturbation.sigma, trained_sigma)
 
 
-@pytest.mark.parametrize("correction", ["token_mis", "seq_mis", "tis", "bypass"])
-def test_baseline_losses_are_wired_to_the_objectives(make_model, tokenizer, prompt_dataset, train_args, correction):
-    """The trainer's loss for each baseline equals the pure objective functions applied by hand."""
-    from alp_trl.objectives import aggregate_loss, clipped_surrogate, importance_log_ratio, rollout_correction_weight
+def _oracle_loss(current, old, rollout, mask, adv, case, loss_type):
+    """The baseline losses written out by hand (no alp_trl function): PPO ratio current / old clipped at 0.2 with dual
+    clip 10, times the auxiliary weight old / rollout of each rule, over the loss mask it leaves."""
+    ratio = torch.exp(current - old) if case["correction"] != "bypass" else torch.exp(current - rollout)
+    per_token = torch.maximum(-ratio * adv, -ratio.clamp(0.8, 1.2) * adv)
+    per_token = torch.where(adv < 0, torch.minimum(per_token, -10.0 * adv), per_token)
+    log_w = (old - rollout) * mask
+    correction, low, high = case["correction"], case.get("low"), case.get("high")
+    if correction in ("seq_mis", "seq_tis"):
+        log_w_seq = (
+            log_w.sum(-1, keepdim=True)
+            if case.get("aggregation", "sum") == "sum"
+            else (log_w.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True))
+        )
+        w = torch.exp(log_w_seq).expand_as(mask)
+    else:
+        w = torch.exp(log_w)
+    keep = torch.ones_like(mask)
+    if correction in ("token_mis", "seq_mis"):
+        keep = ((w >= low) & (w <= (high if high is not None else float("inf")))).to(mask.dtype)
+    elif correction in ("tis", "seq_tis"):
+        w = w.clamp(max=high)
+    if case.get("veto") is not None:
+        vetoed = ((torch.exp(log_w) < case["veto"]) & mask.bool()).any(-1, keepdim=True)
+        keep = keep * (~vetoed).to(mask.dtype)
+    if correction in ("ppo", "bypass"):
+        w = torch.ones_like(mask)
+    weighted = per_token * w * keep * mask
+    loss_mask = mask * keep if case.get("rejection", "drop") == "drop" else mask
+    if loss_type == "bnpo":
+        return weighted.sum() / loss_mask.sum(), keep
+    return (weighted.sum(-1) / loss_mask.sum(-1).clamp(min=1.0)).mean(), keep  # grpo
 
+
+BASELINE_CASES = {
+    "ppo": {"correction": "ppo"},
+    "bypass": {"correction": "bypass"},
+    "token_mis_drop": {"correction": "token_mis", "low": 0.9, "high": 1.1},
+    "token_mis_zero": {"correction": "token_mis", "low": 0.9, "high": 1.1, "rejection": "zero"},
+    "token_mis_one_sided": {"correction": "token_mis", "low": 0.9, "high": None},
+    "seq_mis_product": {"correction": "seq_mis", "low": 0.7, "high": 1.1},
+    "seq_mis_geometric": {"correction": "seq_mis", "low": 0.9, "high": 1.1, "aggregation": "mean"},
+    "tis": {"correction": "tis", "high": 1.1},
+    "seq_tis": {"correction": "seq_tis", "high": 1.1},
+    "tis_veto": {"correction": "tis", "high": 1.1, "veto": 0.8},
+}
+
+
+@pytest.mark.parametrize("loss_type", ["bnpo", "grpo"])
+@pytest.mark.parametrize("name", list(BASELINE_CASES))
+def test_baseline_losses_against_hand_written_formulas(
+    make_model, tokenizer, prompt_dataset, train_args, name, loss_type
+):
+    """Every baseline's loss, written out by hand in this test, where its rejection / truncation / veto fires on some
+    tokens or sequences and not on others; with `mis_rejection="drop"` the rejected leave the denominator, with
+    `"zero"` they stay in it."""
+    case = BASELINE_CASES[name]
+    fields = {
+        "mis_threshold_low": case.get("low"),
+        "mis_threshold_high": case.get("high"),
+        "mis_rejection": case.get("rejection", "drop"),
+        "mis_aggregation": case.get("aggregation", "sum"),
+        "mis_veto_threshold": case.get("veto"),
+    }
+    if case["correction"] in ("ppo", "bypass"):
+        fields = {}
     trainer = _alp(
         make_model(),
         tokenizer,
         prompt_dataset,
-        off_policy_correction=correction,
-        loss_type="bnpo",
-        mis_threshold=1.2,
+        off_policy_correction=case["correction"],
+        loss_type=loss_type,
+        **fields,
         **train_args,
     )
     inputs = _fixed_inputs(tokenizer)
@@ -312,18 +373,12 @@ def test_baseline_losses_are_wired_to_the_objectives(make_model, tokenizer, prom
     old = current + 0.05 * torch.cos(steps)
     rollout = current + 0.25 * torch.sin(steps)
     loss, _ = _loss_and_grads(trainer, {**inputs, "old_per_token_logps": old, "sampling_per_token_logps": rollout})
-    mask, adv = inputs["completion_mask"], inputs["advantages"].unsqueeze(1)
-    if correction == "bypass":
-        log_ratio, weight = importance_log_ratio(current, rollout, mask), 1.0
-    else:
-        level = "sequence" if correction == "seq_mis" else "token"
-        mode = "truncate" if correction == "tis" else "mask"
-        log_ratio = importance_log_ratio(current, old, mask)
-        weight = rollout_correction_weight(old, rollout, mask, level, 1.2, mode)
-        if correction == "token_mis":
-            assert 0 < (weight == 0).float().mean() < 1  # MIS masks some tokens, not all
-    per_token = clipped_surrogate(log_ratio, adv, 0.2, 0.2, dual_clip_c=10.0).per_token_loss * weight
-    torch.testing.assert_close(loss, aggregate_loss(per_token, mask, "bnpo"), atol=1e-6, rtol=0)
+    mask, adv = inputs["completion_mask"].to(current.dtype), inputs["advantages"].unsqueeze(1)
+    expected, keep = _oracle_loss(current, old, rollout, mask, adv, case, loss_type)
+    torch.testing.assert_close(loss, expected, atol=1e-6, rtol=0)
+    if case["correction"] in ("token_mis", "seq_mis") or "veto" in case:
+        kept = (keep * mask).sum() / mask.sum()
+        assert 0 < kept < 1, "the rule fires on some tokens and not on others"
 
 
 @pytest.mark.parametrize("correction, old_logps_used", [("alp", False), ("bypass", False), ("token_mis", True)])
