@@ -18,12 +18,22 @@ import time
 from .plots import load_history
 
 
+_SEQ = ["--importance_sampling_level", "sequence"]
 METHODS = {
     "ALP (token)": ["--off_policy_correction", "alp"],
+    "ALP (seq)": ["--off_policy_correction", "alp", *_SEQ],
     "Bypass (token)": ["--off_policy_correction", "bypass"],
+    "Bypass (seq)": ["--off_policy_correction", "bypass", *_SEQ],
     "Token-MIS": ["--off_policy_correction", "token_mis"],
-    "GRPO": ["--off_policy_correction", "none"],
+    "Seq-MIS": ["--off_policy_correction", "seq_mis"],
+    "TIS": ["--off_policy_correction", "tis"],
+    "Seq-TIS": ["--off_policy_correction", "seq_tis"],
+    # the GRPO baseline through the shared objective (same clamp, dual clip, metrics as the others)
+    "GRPO": ["--off_policy_correction", "ppo"],
+    # TRL's own GRPO loss (no dual clip or clamp; no ratio metrics unless log_rollout_mismatch)
+    "GRPO (TRL)": ["--off_policy_correction", "none", "--log_rollout_mismatch", "true"],
 }
+DEFAULT_METHODS = ["ALP (token)", "Bypass (token)", "Token-MIS", "GRPO"]
 # column -> (metric, reduction over the run)
 COLUMNS = {
     "reward (last half)": ("reward", "late_mean"),
@@ -35,6 +45,11 @@ COLUMNS = {
     "engine |dlogp| (mean)": ("rollout_mismatch/logp_abs_diff_mean", "mean"),
     "step time s (mean)": ("step_time", "mean"),
 }
+
+
+def _slug(method: str) -> str:
+    """`"ALP (seq)"` -> `"alp_seq"`: the run folder of a method."""
+    return "_".join("".join(c if c.isalnum() else " " for c in method.lower()).split())
 
 
 def reduce(history: list[dict], key: str, how: str) -> float | None:
@@ -91,7 +106,7 @@ def main(argv=None) -> dict:
     )
     parser.add_argument("--recipe", default="recipes/SmolLM2-135M-Instruct/alp/config_demo.yaml")
     parser.add_argument("--out", default="outputs/compare")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
     parser.add_argument("--max-steps", type=int, default=12)
     parser.add_argument("--rollout-mismatch", default="bf16")
     parser.add_argument("--rollout-mismatch-std", type=float, default=0.0)
@@ -101,7 +116,7 @@ def main(argv=None) -> dict:
 
     histories, timings = {}, {}
     for method in args.methods:
-        run_dir = os.path.join(args.out, method.split()[0].lower().replace("-", "_"))
+        run_dir = os.path.join(args.out, _slug(method))
         command = [
             sys.executable,
             "-m",

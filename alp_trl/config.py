@@ -17,7 +17,9 @@ OFF_POLICY_CORRECTIONS = ("alp", "bypass", "token_mis", "seq_mis", "tis", "seq_t
 ROLLOUT_CORRECTIONS = ("token_mis", "seq_mis", "tis", "seq_tis")
 MIS_REJECTIONS = ("drop", "zero")
 MIS_AGGREGATIONS = ("sum", "mean")
-LAYER_SPECS = ("all", "early", "middle", "late", "logits", "none")
+LAYER_SPECS = ("all", "early", "middle", "late", "final_hidden", "none")
+# Old name of "final_hidden", still accepted: it perturbs the final hidden state (before the LM head), not the logits.
+_LAYER_SPEC_ALIASES = {"logits": "final_hidden"}
 SIGMA_SHAPES = ("scalar", "channel")
 NOISE_SCALES = ("absolute", "rms")
 SEQUENCE_RATIO_AGGREGATIONS = ("mean", "sum")
@@ -29,6 +31,14 @@ def parse_layer_spec(value, field_name: str = "perturb_layers") -> str | list[in
     allowed = f"one of {list(LAYER_SPECS)} or a list of layer indices such as [0, 5, 11]"
     if isinstance(value, str):
         text = value.strip().lower()
+        if text in _LAYER_SPEC_ALIASES:
+            logger.warning(
+                "`%s=%r` perturbs the final hidden state (the LM head's input), not the logits: it is now called %r.",
+                field_name,
+                text,
+                _LAYER_SPEC_ALIASES[text],
+            )
+            return _LAYER_SPEC_ALIASES[text]
         if text in LAYER_SPECS:
             return text
         if re.fullmatch(r"\[?\s*-?\d+(\s*,\s*-?\d+)*\s*,?\s*\]?", text):
@@ -71,7 +81,8 @@ class ALPConfig(GRPOConfig):
             `importance_sampling_level`.
         perturb_layers (`str` or `list[int]`, *optional*, defaults to `"all"`):
             Which decoder layers get noise on their input hidden state: `"all"`, `"early"`, `"middle"`, `"late"`
-            (thirds of the decoder stack), `"logits"` (the final hidden state only, before the LM head), `"none"`, or a
+            (thirds of the decoder stack), `"final_hidden"` (the final hidden state only: the LM head's input, not
+            the logits; `"logits"` is accepted as its old name), `"none"`, or a
             list of layer indices (negative indices count from the end).
         perturb_sigma_init (`float`, *optional*, defaults to `0.02`):
             Initial noise standard deviation of every perturbed layer.
@@ -152,7 +163,8 @@ class ALPConfig(GRPOConfig):
         default="all",
         metadata={
             "help": "Decoder layers whose input hidden state gets noise: 'all', 'early', 'middle', 'late' (thirds of "
-            "the stack), 'logits' (final hidden state only), 'none', or a list of layer indices such as '0,5,11'."
+            "the stack), 'final_hidden' (the LM head's input only; old name 'logits'), 'none', or a list of layer "
+            "indices such as '0,5,11'."
         },
     )
     perturb_sigma_init: float = field(

@@ -56,7 +56,7 @@ def attach_checkpoint_perturbation(model, path: str, sigma: float | None, layers
         final_only = saved["layer_ids"] == [model.config.num_hidden_layers]
         perturbation = LayerwisePerturbation.attach(
             model,
-            layers="logits" if final_only else saved["layer_ids"],
+            layers="final_hidden" if final_only else saved["layer_ids"],
             sigma_shape=saved["sigma_shape"],
             noise_scale=saved["noise_scale"],
             learnable=False,

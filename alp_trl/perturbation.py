@@ -87,12 +87,12 @@ def resolve_layer_indices(spec: str | list[int], num_layers: int) -> tuple[list[
     Turn a layer selection into sorted layer indices and a flag for the final hidden state.
 
     `"early"`, `"middle"`, `"late"` are the thirds `[0, round(L/3))`, `[round(L/3), round(2L/3))`,
-    `[round(2L/3), L)`; `"logits"` selects only the final hidden state; negative indices count from the end.
+    `[round(2L/3), L)`; `"final_hidden"` selects only the final hidden state (the LM head's input); negative indices count from the end.
     """
     spec = parse_layer_spec(spec)
     if spec == "none":
         return [], False
-    if spec == "logits":
+    if spec == "final_hidden":
         return [], True
     if spec == "all":
         return list(range(num_layers)), False
@@ -194,6 +194,31 @@ class _SeededNoise(torch.autograd.Function):
         return grad_output, grad_sigma, None, None, None
 
 
+@torch.no_grad()
+def noise_survival(
+    hidden: torch.Tensor,
+    perturbed: torch.Tensor,
+    log_sigma: torch.Tensor,
+    scale: torch.Tensor | None = None,
+    max_positions: int = 256,
+) -> torch.Tensor:
+    """
+    How much of the intended noise survived the addition in the hidden state's dtype: the RMS of `perturbed - hidden`
+    (what was actually added, computed in float32 from the stored values) over the RMS intended, `sigma` times the RMS
+    of `scale` (1 for absolute noise; `eps` has unit RMS), on at most `max_positions` evenly spaced token positions.
+    1 means the noise arrived whole; in bf16, a perturbation far below the hidden state's rounding step (~0.4% of its
+    magnitude) is mostly or entirely rounded away (0). A 0-d float32 tensor.
+    """
+    size = hidden.size(-1)
+    flat_in, flat_out = hidden.detach().reshape(-1, size), perturbed.detach().reshape(-1, size)
+    stride = max(1, flat_in.size(0) // max_positions)
+    added = flat_out[::stride].float() - flat_in[::stride].float()
+    sigma_sq = log_sigma.detach().float().exp().pow(2)
+    scale_sq = scale.detach().reshape(-1, 1)[::stride].float().pow(2) if scale is not None else torch.ones(1, 1)
+    intended_sq = (sigma_sq * scale_sq.to(sigma_sq.device)).mean()
+    return added.pow(2).mean().sqrt() / intended_sq.sqrt().clamp(min=1e-30)
+
+
 def _draw(like: torch.Tensor, generator: torch.Generator, seed: int) -> torch.Tensor:
     generator.manual_seed(seed)
     return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
@@ -206,7 +231,7 @@ class LayerwisePerturbation(nn.Module):
     Each selected layer `l` (a slot `k` of this module) gets `h <- h + sigma_k * eps` with
     `sigma_k = exp(log_sigma[k])` and `eps ~ N(0, I)` of the hidden state's shape, drawn from a generator seeded by
     (seed, step, micro_step, rank, l). With `noise_scale="rms"`, `eps` is also multiplied by the (detached) RMS of
-    each token's hidden state. The final-hidden-state slot (`perturb_layers="logits"`) has layer id `num_layers`.
+    each token's hidden state. The final-hidden-state slot (`perturb_layers="final_hidden"`) has layer id `num_layers`.
 
     Use [`LayerwisePerturbation.attach`] to build and hook it onto a model, [`active`] to switch the noise on, and
     [`detach`] to remove every trace of it.
@@ -255,6 +280,10 @@ class LayerwisePerturbation(nn.Module):
         self._host_ref: weakref.ref | None = None  # a weak reference: the host must not become a submodule
         self._generators: dict[torch.device, torch.Generator] = {}  # re-seeded for every draw
         self.num_noise_calls = 0  # how many times noise was added (diagnostics and tests)
+        # noise survival per slot (RMS of what was added over the RMS intended), measured in the forward pass on a
+        # sample of positions when `track_survival` is on; 0-d tensors, read by the trainer without a sync
+        self.track_survival = False
+        self._survival: dict[int, torch.Tensor] = {}
 
     # ------------------------------------------------------------------------------------------------ construction
     @classmethod
@@ -376,7 +405,14 @@ class LayerwisePerturbation(nn.Module):
         if self.noise_scale == "rms":
             scale = hidden_states.detach().float().pow(2).mean(-1, keepdim=True).sqrt().to(hidden_states.dtype)
         self.num_noise_calls += 1
-        return _SeededNoise.apply(hidden_states, self.log_sigma[slot].exp(), scale, self._generators[device], seed)
+        out = _SeededNoise.apply(hidden_states, self.log_sigma[slot].exp(), scale, self._generators[device], seed)
+        if self.track_survival and torch._C._current_graph_task_id() == -1:  # not a checkpoint recomputation
+            self._survival[slot] = noise_survival(hidden_states, out, self.log_sigma[slot], scale)
+        return out
+
+    def survival_per_layer(self) -> dict[int, torch.Tensor]:
+        """The last measured noise survival of each perturbed layer id (0-d tensors; empty before any noise)."""
+        return {self.layer_ids[slot]: value for slot, value in sorted(self._survival.items())}
 
     # ---------------------------------------------------------------------------------------------------- hooking
     def _make_pre_hook(self, slot: int):
@@ -450,5 +486,6 @@ __all__ = [
     "LayerwisePerturbation",
     "find_decoder_layers",
     "noise_seed",
+    "noise_survival",
     "resolve_layer_indices",
 ]

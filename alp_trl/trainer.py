@@ -155,6 +155,7 @@ class ALPGRPOTrainer(GRPOTrainer):
                 seed=args.perturb_seed if args.perturb_seed is not None else args.seed,
             )
             self.perturbation.rank = self.accelerator.process_index
+            self.perturbation.track_survival = True  # alp/noise_survival: a few ops on 256 positions per layer
             self._match_sigma_dtype_for_deepspeed()
             self._sync_reference_without_sigma()
         if args.uses_rollout_logps:
@@ -698,6 +699,7 @@ class ALPGRPOTrainer(GRPOTrainer):
         # Token-level train-vs-rollout statistics (the train side is the perturbed policy under ALP).
         stats = ratio_statistics(train_rollout, mask)
         stats["abs_max_preclamp"] = weight_sums["abs_max_preclamp"]
+        survival = self.perturbation.survival_per_layer() if self.perturbation is not None and mode == "train" else {}
         # TRL's per-sequence extremes of the clip fractions: the least low-clipped and the most high-clipped sequence
         stats["low_min"] = _per_sequence_mean(low, mask_f).min()
         stats["high_max"] = _per_sequence_mean(high, mask_f).max()
@@ -711,7 +713,9 @@ class ALPGRPOTrainer(GRPOTrainer):
             "high_max",
             "abs_max_preclamp",
         )
-        gathered = self.accelerator.gather(torch.stack([stats[k] for k in keys]).unsqueeze(0)).view(-1, len(keys))
+        row = [stats[k] for k in keys] + [v.to(stats["ratio_p50"].device) for v in survival.values()]
+        width = len(row)
+        gathered = self.accelerator.gather(torch.stack(row).unsqueeze(0)).view(-1, width)
         means, maxima = gathered.mean(0).tolist(), gathered.max(0).values.tolist()
         metrics["clip_ratio/low_min"].append(gathered[:, 5].min().item())
         metrics["clip_ratio/high_max"].append(maxima[6])
@@ -726,6 +730,11 @@ class ALPGRPOTrainer(GRPOTrainer):
         metrics["alp/ppl_ratio"].append(diagnostics["ppl_ratio"])
         metrics["alp/log_ratio_abs_max_preclamp"].append(diagnostics["abs_max_preclamp"])
         metrics["alp/seq_clamped_frac"].append(diagnostics["seq_clamped_frac"])
+        if survival:  # mean over ranks, per layer and over layers
+            per_layer = means[len(keys) :]
+            metrics["alp/noise_survival"].append(sum(per_layer) / len(per_layer))
+            for layer, value in zip(survival, per_layer):
+                metrics[f"alp/noise_survival/layer_{layer:02d}"].append(value)
         if self.perturbation is not None:
             per_layer = self.perturbation.sigma_per_layer()  # every rank: under ZeRO-3 this gathers sigma
             self._last_sigma_per_layer = per_layer

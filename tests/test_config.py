@@ -54,7 +54,15 @@ def test_invalid_values_name_the_field(tmp_path, field, value, message):
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [("all", "all"), ("LATE", "late"), ("0,2", [0, 2]), ("[1, -1]", [1, -1]), ([3], [3]), ("logits", "logits")],
+    [
+        ("all", "all"),
+        ("LATE", "late"),
+        ("0,2", [0, 2]),
+        ("[1, -1]", [1, -1]),
+        ([3], [3]),
+        ("final_hidden", "final_hidden"),
+        ("logits", "final_hidden"),
+    ],
 )
 def test_layer_spec_accepts_names_and_index_lists(tmp_path, value, expected):
     assert make(tmp_path, perturb_layers=value).perturb_layers == expected

@@ -1,5 +1,6 @@
 """LayerwisePerturbation: layer discovery on many architectures, noise gating, seeding, detach, checkpointing."""
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -92,7 +93,8 @@ def test_layer_selection_thirds_lists_and_errors():
     assert resolve_layer_indices("early", 6) == ([0, 1], False)
     assert resolve_layer_indices("middle", 6) == ([2, 3], False)
     assert resolve_layer_indices("late", 6) == ([4, 5], False)
-    assert resolve_layer_indices("logits", 6) == ([], True)
+    assert resolve_layer_indices("final_hidden", 6) == ([], True)
+    assert resolve_layer_indices("logits", 6) == ([], True), "the old name still works"
     assert resolve_layer_indices("none", 6) == ([], False)
     assert resolve_layer_indices([0, -1, 0], 6) == ([0, 5], False)
     assert resolve_layer_indices("1,3", 6) == ([1, 3], False)
@@ -106,7 +108,7 @@ def test_layer_selection_thirds_lists_and_errors():
 
 def test_logits_mode_perturbs_only_the_final_hidden_state(tokenizer, ids):
     model = build_tiny_causal_lm("qwen2", vocab_size=len(tokenizer)).eval()
-    perturbation = LayerwisePerturbation.attach(model, "logits", sigma_init=0.5)
+    perturbation = LayerwisePerturbation.attach(model, "final_hidden", sigma_init=0.5)
     assert perturbation.layer_ids == [3]  # one past the last layer
     assert all(not layer._forward_pre_hooks for layer in model.model.layers)
     with torch.no_grad():
@@ -263,3 +265,32 @@ def test_noise_gradient_matches_plain_autograd(shape, scale):
     expected.pow(3).sum().backward()
     torch.testing.assert_close(perturbation.log_sigma.grad, log_sigma.grad)
     torch.testing.assert_close(hidden.grad, hidden2.grad)
+
+
+def test_noise_survival_by_hand():
+    from alp_trl.perturbation import noise_survival
+
+    hidden = torch.zeros(2, 2, 2)
+    perturbed = torch.tensor([[[0.3, 0.4], [0.0, 0.0]], [[0.0, 0.0], [0.4, 0.3]]])
+    # added RMS = sqrt((0.09 + 0.16) * 2 / 8) = 0.25; intended sigma 0.5 -> survival 0.5
+    survival = noise_survival(hidden, perturbed, torch.tensor(math.log(0.5)))
+    assert survival.item() == pytest.approx(0.5)
+    # rms noise scale: intended = sigma * RMS(scale) = 0.5 * sqrt((1 + 9) / 2)... per position scale 1 and 3
+    scale = torch.tensor([[[1.0], [3.0]], [[1.0], [3.0]]])
+    assert noise_survival(hidden, perturbed, torch.tensor(math.log(0.5)), scale).item() == pytest.approx(
+        0.25 / (0.5 * math.sqrt(5.0))
+    )
+
+
+@pytest.mark.parametrize(
+    ("dtype", "magnitude", "expected"), [(torch.float32, 100.0, 1.0), (torch.bfloat16, 100.0, 0.0)]
+)
+def test_noise_survival_measured_in_the_forward(dtype, magnitude, expected):
+    """sigma 0.02 on hidden states of magnitude 100: whole in float32, entirely rounded away in bfloat16 (its step at
+    100 is 0.5)."""
+    perturbation = LayerwisePerturbation([0], hidden_size=64, sigma_init=0.02, seed=1)
+    perturbation.track_survival = True
+    hidden = torch.full((4, 32, 64), magnitude, dtype=dtype)
+    with perturbation.active(0):
+        perturbation(hidden, 0)
+    assert perturbation.survival_per_layer()[0].item() == pytest.approx(expected, abs=0.05)

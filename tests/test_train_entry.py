@@ -73,7 +73,7 @@ def test_unknown_recipe_key_is_an_error_naming_it(tmp_path, capsys):
     ("override", "named"),
     [
         (["--perturb_layers", "bottom"], "perturb_layers"),
-        (["--off_policy_correction", "ppo"], "off_policy_correction"),
+        (["--off_policy_correction", "grpo"], "off_policy_correction"),
         (["--perturb_sigma_init", "-1"], "perturb_sigma_init"),
         (["--reward_funcs", "accuracy", "bleu"], "reward_funcs"),
         (["--not_a_field", "3"], "not_a_field"),
@@ -260,3 +260,36 @@ def test_processes_that_do_not_form_one_run_are_an_error(tmp_path, tiny_run_asse
     accelerate_launch("ddp.yaml", [*command, "--use_cpu", "true"], tmp_path, 2)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["num_tokens"] > 0 and len([r for r in records if "loss" in r]) == 1
+
+
+@pytest.mark.slow
+def test_compare_runs_the_new_modes_and_tabulates_every_method(tmp_path, tiny_run_assets, monkeypatch):
+    """`alp-trl compare` with the new correction modes: one run per method through the entry point, a table row per
+    method with the reward and the train-rollout KL read from its metrics."""
+    from alp_trl import compare
+
+    model_dir, data = tiny_run_assets
+    path = _write_recipe(tmp_path, model_dir, data, bf16=False, use_cpu=True, logging_steps=1)
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    histories = compare.main(
+        [
+            "--recipe",
+            str(path),
+            "--out",
+            str(tmp_path / "compare"),
+            "--methods",
+            "Seq-TIS",
+            "GRPO",
+            "GRPO (TRL)",
+            "--max-steps",
+            "1",
+        ]
+    )
+    assert set(histories) == {"Seq-TIS", "GRPO", "GRPO (TRL)"}
+    assert {p.name for p in (tmp_path / "compare").iterdir() if p.is_dir()} == {"seq_tis", "grpo", "grpo_trl"}
+    table = (tmp_path / "compare" / "compare.md").read_text().splitlines()
+    rows = {line.split("|")[1].strip(): line for line in table[2:]}
+    assert set(rows) == set(histories)
+    assert "n/a" not in rows["Seq-TIS"].split("|")[5], "the train-rollout KL column is filled"
+    assert histories["Seq-TIS"][0]["alp/tis_truncated_frac"] >= 0.0
+    assert "rollout_mismatch/kl_k3" in histories["GRPO (TRL)"][0], "metrics-only mode of plain GRPO"

@@ -468,3 +468,17 @@ def test_zero_sigma_alp_equals_grpo_with_trl_extras(
         assert grpo._metrics["train"]["entropy_coef"], "the entropy bonus was applied"
     if loss_type == "cispo":
         assert 0 < grpo._metrics["train"]["cispo_clip_ratio"][-1] < 1, "truncation exercised"
+
+
+def test_noise_survival_is_logged_per_layer(make_model, tokenizer, prompt_dataset, train_args):
+    """fp32 hidden states keep the whole noise: survival ~1 on every layer (a float32 run), logged per layer and
+    averaged; only ALP logs it."""
+    trainer = _alp(make_model(), tokenizer, prompt_dataset, perturb_sigma_init=0.05, **train_args)
+    trainer.train()
+    logged = trainer.state.log_history[0]
+    layers = [logged[f"alp/noise_survival/layer_{i:02d}"] for i in range(3)]
+    assert all(v == pytest.approx(1.0, abs=0.1) for v in layers)
+    assert logged["alp/noise_survival"] == pytest.approx(sum(layers) / 3)
+    bypass = _alp(make_model(), tokenizer, prompt_dataset, off_policy_correction="bypass", **train_args)
+    bypass.train()
+    assert "alp/noise_survival" not in bypass.state.log_history[0]
