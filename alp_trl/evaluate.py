@@ -35,7 +35,7 @@ BENCHMARKS = {
     "math500": Benchmark("HuggingFaceH4/MATH-500", "test", "problem", "answer"),
     "minerva_math": Benchmark("math-ai/minervamath", "test", "question", "answer"),
     "olympiadbench": Benchmark("math-ai/olympiadbench", "test", "question", "final_answer"),
-    "aime24": Benchmark("HuggingFaceH4/aime_2024", "train", "problem", "answer"),
+    "aime24": Benchmark("math-ai/aime24", "test", "problem", "solution"),  # the paper's source (boxed answers)
     "aime25": Benchmark("math-ai/aime25", "test", "problem", "answer"),
 }
 
@@ -58,6 +58,30 @@ def summarize(correct: list[list[bool]], k: int) -> dict:
     for j in js:
         summary[f"pass@{j}"] = sum(pass_at_k(len(c), sum(c), j) for c in correct) / len(correct)
     return summary
+
+
+def macro_summary(per_benchmark: dict[str, dict]) -> dict:
+    """The mean over benchmarks of every metric (each benchmark weighs the same, as a paper's average column);
+    `problems` is their total."""
+    summaries = [s for s in per_benchmark.values() if s.get("problems")]
+    if not summaries:
+        return {"problems": 0}
+    metrics = [key for key in summaries[0] if key != "problems"]
+    out = {"problems": sum(s["problems"] for s in summaries)}
+    out.update({key: sum(s[key] for s in summaries) / len(summaries) for key in metrics})
+    return out
+
+
+def recipe_prompt(path: str) -> tuple[str, str | None]:
+    """`(prompt_template, system_prompt)` of a training recipe YAML (the entry point's defaults where unset)."""
+    import yaml
+
+    from .train import ALPScriptArguments
+
+    with open(path) as f:
+        recipe = yaml.safe_load(f) or {}
+    defaults = ALPScriptArguments(dataset_name="unused")
+    return recipe.get("prompt_template", defaults.prompt_template), recipe.get("system_prompt", defaults.system_prompt)
 
 
 def load_problems(name: str, limit: int | None, spec: Benchmark | None = None) -> list[dict]:
@@ -169,6 +193,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch-size", type=int, default=32, help="sequences per generate call (transformers)")
     parser.add_argument("--prompt-template", default="{problem}\nPut your final answer within \\boxed{}.")
     parser.add_argument("--system-prompt", default=None)
+    parser.add_argument(
+        "--prompt-from-recipe",
+        default=None,
+        metavar="RECIPE.yaml",
+        help="take prompt_template and system_prompt from the training recipe (evaluate with the prompt it trained on)",
+    )
     parser.add_argument("--backend", default="auto", choices=["auto", "transformers", "vllm"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="output folder (default: MODEL/eval, or ./eval)")
@@ -181,6 +211,10 @@ def main(argv=None) -> dict:
     for name in args.benchmarks:
         if name not in BENCHMARKS and not os.path.exists(name):
             parser.error(f"unknown benchmark {name!r}; known: {sorted(BENCHMARKS)}, or a local jsonl/parquet file")
+    if args.prompt_from_recipe is not None:
+        if not os.path.exists(args.prompt_from_recipe):
+            parser.error(f"--prompt-from-recipe: no file {args.prompt_from_recipe!r}")
+        args.prompt_template, args.system_prompt = recipe_prompt(args.prompt_from_recipe)
 
     import importlib.util
 
@@ -238,7 +272,11 @@ def main(argv=None) -> dict:
             records.append(record)
         results[name] = summarize(correct, args.k)
     if len(results) > 1:
-        results["overall"] = summarize([r["correct"] for r in records], args.k)
+        # `overall` is the macro mean over benchmarks (a paper's average column); pooling every problem would let
+        # MATH500's 500 swamp AIME's 30, so that figure has its own name
+        results["overall"] = macro_summary(results)
+        results["overall_macro"] = dict(results["overall"])
+        results["overall_pooled"] = summarize([r["correct"] for r in records], args.k)
 
     out_dir = args.out or (os.path.join(args.model, "eval") if os.path.isdir(args.model) else "eval")
     os.makedirs(out_dir, exist_ok=True)
@@ -250,6 +288,8 @@ def main(argv=None) -> dict:
         "max_new_tokens": args.max_new_tokens,
         "seed": args.seed,
         "limit": args.limit,
+        "prompt_template": args.prompt_template,
+        "system_prompt": args.system_prompt,
         "seconds": round(time.time() - start, 1),
         "results": results,
         "problems": records,

@@ -61,8 +61,15 @@ def test_eval_end_to_end_offline_and_reproducible(tmp_path, saved_model_dir):
     second = eval_main([*argv, "--out", str(tmp_path / "b")])
     assert first["results"] == second["results"], "same seed, same numbers"
     assert [p["correct"] for p in first["problems"]] == [p["correct"] for p in second["problems"]]
-    assert set(first["results"]) == {"arithmetic", "aime2025", "overall"}
-    assert first["results"]["overall"]["problems"] == 6
+    results = first["results"]
+    assert set(results) == {"arithmetic", "aime2025", "overall", "overall_macro", "overall_pooled"}
+    assert results["overall"] == results["overall_macro"] and results["overall"]["problems"] == 6
+    for key in ("avg@2", "pass@1", "pass@2"):  # macro: each benchmark weighs the same
+        assert results["overall_macro"][key] == pytest.approx(
+            (results["arithmetic"][key] + results["aime2025"][key]) / 2
+        )
+    pooled = [c for p in first["problems"] for c in p["correct"]]
+    assert results["overall_pooled"]["avg@2"] == pytest.approx(sum(pooled) / len(pooled))
     saved = json.loads((tmp_path / "a" / "eval_results.json").read_text())
     assert len(saved["problems"]) == 6 and all(
         len(p["correct"]) == 2 and len(p["completions"]) == 2 for p in saved["problems"]
@@ -70,6 +77,30 @@ def test_eval_end_to_end_offline_and_reproducible(tmp_path, saved_model_dir):
     assert "| arithmetic | 3 |" in (tmp_path / "a" / "eval_summary.md").read_text()
     for summary in first["results"].values():
         assert 0.0 <= summary["avg@2"] <= summary["pass@2"] <= 1.0
+
+
+def test_macro_and_pooled_overall_by_hand():
+    from alp_trl.evaluate import macro_summary, summarize
+
+    big = summarize([[True, True]] * 9 + [[False, False]], k=2)  # 90 %
+    small = summarize([[False, False]], k=2)  # 0 %
+    macro = macro_summary({"big": big, "small": small})
+    assert macro["avg@2"] == pytest.approx(0.45) and macro["problems"] == 11
+    pooled = summarize([[True, True]] * 9 + [[False, False]] * 2, k=2)
+    assert pooled["avg@2"] == pytest.approx(9 / 11)
+
+
+def test_prompt_from_the_training_recipe(tmp_path):
+    from alp_trl.evaluate import recipe_prompt
+
+    import yaml
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"prompt_template": "Q: {problem}\nA:", "system_prompt": "Be brief."}))
+    assert recipe_prompt(str(path)) == ("Q: {problem}\nA:", "Be brief.")
+    (tmp_path / "bare.yaml").write_text("dataset_name: builtin:arithmetic\n")
+    template, system = recipe_prompt(str(tmp_path / "bare.yaml"))
+    assert template == "{problem}\nPut your final answer within \\boxed{}." and system is None
 
 
 def test_bad_arguments_are_named(saved_model_dir, capsys):
