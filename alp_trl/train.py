@@ -26,6 +26,13 @@ logger = logging.getLogger("alp_trl.train")
 class ALPScriptArguments(ScriptArguments):
     """Data, prompt and reward settings of a training run (on top of TRL's `ScriptArguments`)."""
 
+    dataset_mixture: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Several training sources, each with its own columns, shares and filters, merged and shuffled "
+            "(open-r1's convention; see alp_trl.data_mixture). Replaces dataset_name."
+        },
+    )
     dataset_data_files: str | None = field(
         default=None,
         metadata={"help": "Only these files of the data set repository (e.g. 'train/math__combined_54.4k.parquet')."},
@@ -78,6 +85,13 @@ class ALPScriptArguments(ScriptArguments):
     avg_at_k_k: int = field(default=4, metadata={"help": "Samples per problem of the in-training avg@k."})
     avg_at_k_max_new_tokens: int = field(default=256, metadata={"help": "Max new tokens of the in-training avg@k."})
 
+    @property
+    def dataset_label(self) -> str:
+        """The training data's name for logs and the model card: `dataset_name`, or the mixture's source ids."""
+        if self.dataset_mixture is not None:
+            return " + ".join(d["id"] for d in self.dataset_mixture["datasets"])
+        return self.dataset_name
+
     def __post_init__(self):
         from .rewards import REWARD_REGISTRY
 
@@ -88,8 +102,20 @@ class ALPScriptArguments(ScriptArguments):
             raise ValueError(
                 f"`reward_funcs` got {self.reward_funcs!r}; allowed values are {sorted(REWARD_REGISTRY)} (at least one)."
             )
-        if self.dataset_name is None:
-            raise ValueError("`dataset_name` is required: a Hub data set, a local file, or builtin:arithmetic.")
+        if self.dataset_mixture is not None:
+            from .data_mixture import parse_dataset_mixture
+
+            if isinstance(self.dataset_mixture, str):  # JSON text from the command line
+                import json
+
+                self.dataset_mixture = json.loads(self.dataset_mixture)
+            parse_dataset_mixture(self.dataset_mixture)  # validated now, before any model loads
+            if self.dataset_name is not None:
+                raise ValueError("Set either `dataset_name` or `dataset_mixture`, not both.")
+        elif self.dataset_name is None:
+            raise ValueError(
+                "`dataset_name` (or `dataset_mixture`) is required: a Hub data set, a local file, or builtin:arithmetic."
+            )
         if "{problem}" not in self.prompt_template:
             raise ValueError(f"`prompt_template` must contain '{{problem}}', got {self.prompt_template!r}.")
 
@@ -140,6 +166,21 @@ def parse_args(argv=None) -> tuple[ALPScriptArguments, ALPConfig, ModelConfig]:
 
 def load_datasets(script_args: ALPScriptArguments, training_args: ALPConfig, conversational: bool):
     from .data import build_prompts, load_split
+
+    if script_args.dataset_mixture is not None:
+        from .data_mixture import load_mixture, parse_dataset_mixture
+
+        train, test = load_mixture(
+            parse_dataset_mixture(script_args.dataset_mixture),
+            script_args.prompt_template,
+            script_args.system_prompt,
+            conversational,
+        )
+        if script_args.max_train_samples is not None:
+            train = train.select(range(min(script_args.max_train_samples, len(train))))
+        if test is not None and script_args.max_eval_samples is not None:
+            test = test.select(range(min(script_args.max_eval_samples, len(test))))
+        return train, test if training_args.eval_strategy != "no" else None
 
     def prepared(split: str, limit: int | None):
         raw = load_split(script_args.dataset_name, script_args.dataset_config, split, script_args.dataset_data_files)
@@ -287,7 +328,7 @@ def main(argv=None) -> None:
     )
     tokenizer = load_tokenizer(model_args, training_args)
     train_dataset, eval_dataset = load_datasets(script_args, training_args, tokenizer.chat_template is not None)
-    logger.info("Training on %d prompts from %s", len(train_dataset), script_args.dataset_name)
+    logger.info("Training on %d prompts from %s", len(train_dataset), script_args.dataset_label)
     model = load_model(model_args, training_args)
 
     trainer = ALPGRPOTrainer(
@@ -333,7 +374,7 @@ def main(argv=None) -> None:
     logger.info("Model saved to %s", training_args.output_dir)
 
     if trainer.accelerator.is_main_process:
-        trainer.create_model_card(dataset_name=script_args.dataset_name, tags=["alp-trl"])
+        trainer.create_model_card(dataset_name=script_args.dataset_label, tags=["alp-trl"])
         if script_args.plot:
             from .plots import load_history, plot_training_curves
 
@@ -348,7 +389,7 @@ def main(argv=None) -> None:
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
     if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.dataset_name, tags=["alp-trl"])
+        trainer.push_to_hub(dataset_name=script_args.dataset_label, tags=["alp-trl"])
     # All ranks leave together (the main process writes the card and plots last) and tear the process group down
     # while the interpreter is alive: gloo work objects left to interpreter finalisation can abort the process
     # (SIGABRT, seen rarely on rank 1 of 2-process CPU runs before this).

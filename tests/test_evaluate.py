@@ -91,9 +91,9 @@ def test_macro_and_pooled_overall_by_hand():
 
 
 def test_prompt_from_the_training_recipe(tmp_path):
-    from alp_trl.evaluate import recipe_prompt
-
     import yaml
+
+    from alp_trl.evaluate import recipe_prompt
 
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump({"prompt_template": "Q: {problem}\nA:", "system_prompt": "Be brief."}))

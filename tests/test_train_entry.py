@@ -293,3 +293,46 @@ def test_compare_runs_the_new_modes_and_tabulates_every_method(tmp_path, tiny_ru
     assert "n/a" not in rows["Seq-TIS"].split("|")[5], "the train-rollout KL column is filled"
     assert histories["Seq-TIS"][0]["alp/tis_truncated_frac"] >= 0.0
     assert "rollout_mismatch/kl_k3" in histories["GRPO (TRL)"][0], "metrics-only mode of plain GRPO"
+
+
+def test_paper_recipes_train_on_the_guru_and_openr1_mixture():
+    for path in RECIPES:
+        if "Qwen2.5-Math-1.5B" not in path:
+            continue
+        script_args, _, _ = parse_args(["--config", path, "--use_cpu", "true"])
+        ids = [d["id"] for d in script_args.dataset_mixture["datasets"]]
+        assert ids == ["LLM360/guru-RL-92k", "weqweasdas/from_default_filtered_openr1_with_scores"], path
+        assert script_args.dataset_name is None
+
+
+def test_dataset_mixture_from_a_recipe_and_the_command_line(tmp_path, capsys):
+    from alp_trl.train import load_datasets
+
+    recipe = tmp_path / "mix.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "model_name_or_path": "unused",
+                "output_dir": str(tmp_path / "out"),
+                "use_cpu": True,
+                "bf16": False,
+                "dataset_mixture": {
+                    "datasets": [
+                        {"id": "builtin:arithmetic", "samples": 6},
+                        {"id": "builtin:arithmetic", "split": "test", "samples": 4},
+                    ],
+                    "seed": 3,
+                },
+            }
+        )
+    )
+    script_args, training_args, _ = parse_args(["--config", str(recipe)])
+    train, evaluation = load_datasets(script_args, training_args, conversational=True)
+    assert len(train) == 10 and evaluation is None and set(train["source"]) == {"builtin:arithmetic"}
+    assert script_args.dataset_label == "builtin:arithmetic + builtin:arithmetic"
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--config", str(recipe), "--dataset_mixture", '{"datasets": [{"id": "a", "weight": 3}]}'])
+    assert exit_info.value.code == 2 and "dataset_mixture.datasets[0].weight" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--config", str(recipe), "--dataset_name", "builtin:arithmetic"])
+    assert "either `dataset_name` or `dataset_mixture`" in capsys.readouterr().err
