@@ -59,6 +59,22 @@ def _current_logps(trainer, inputs):
         ]
 
 
+def _grpo_and_noise_free_alp(model, tokenizer, dataset, common: dict):
+    """A `GRPOTrainer` and an `ALPGRPOTrainer` with sigma = 0 (fixed) and no dual clip, on the same settings."""
+    grpo = _trainer(GRPOTrainer, GRPOConfig, model, tokenizer, dataset, **common)
+    alp = _alp(
+        model, tokenizer, dataset, perturb_sigma_init=0.0, perturb_sigma_learnable=False, dual_clip_c=None, **common
+    )
+    return grpo, alp
+
+
+def _shifted(current, offset: float):
+    """`current` shifted so that ratios differ from 1 and clipping fires (the row bias moves rows 0 (A > 0) and 1
+    (A < 0) of `_fixed_inputs` out of the clip range at sequence level too)."""
+    row_bias = torch.tensor([[-1.0], [1.0], [-1.0], [1.0]])
+    return offset * (torch.sin(torch.arange(current.numel(), dtype=current.dtype)).view_as(current) + row_bias)
+
+
 def _loss_and_grads(trainer, inputs):
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1
@@ -78,23 +94,12 @@ def test_zero_sigma_alp_equals_grpo(
 ):
     """sigma = 0 and rollout denominator = GRPO's old policy: identical loss and gradients (tolerance 1e-6)."""
     common = dict(train_args, importance_sampling_level=level, loss_type=loss_type, beta=beta, epsilon_high=0.28)
-    grpo = _trainer(GRPOTrainer, GRPOConfig, saved_model_dir, tokenizer, prompt_dataset, **common)
-    alp = _alp(
-        saved_model_dir,
-        tokenizer,
-        prompt_dataset,
-        perturb_sigma_init=0.0,
-        perturb_sigma_learnable=False,
-        dual_clip_c=None,
-        **common,
-    )
+    grpo, alp = _grpo_and_noise_free_alp(saved_model_dir, tokenizer, prompt_dataset, common)
     assert alp.perturbation is not None
     inputs = _fixed_inputs(tokenizer)
     current = _current_logps(grpo, inputs)
     # denominator = the current policy (offset 0), or shifted so that ratios differ from 1 and clipping is exercised
-    # (the row bias makes sequence-level ratios of rows 0 (A > 0) and 1 (A < 0) leave the clip range too)
-    row_bias = torch.tensor([[-1.0], [1.0], [-1.0], [1.0]])
-    shift = offset * (torch.sin(torch.arange(current.numel(), dtype=current.dtype)).view_as(current) + row_bias)
+    shift = _shifted(current, offset)
     denominator = current + shift
     if beta:
         inputs["ref_per_token_logps"] = current - 0.2 * shift
@@ -439,22 +444,10 @@ def test_zero_sigma_alp_equals_grpo_with_trl_extras(
     policy, loss, gradients and TRL's metrics equal `GRPOTrainer`'s. Two calls, so that the adaptive entropy controller
     applies the coefficient it set in the first."""
     common = dict(train_args, importance_sampling_level=level, loss_type=loss_type, **extra)
-    grpo = _trainer(GRPOTrainer, GRPOConfig, saved_model_dir, tokenizer, prompt_dataset, **common)
-    alp = _alp(
-        saved_model_dir,
-        tokenizer,
-        prompt_dataset,
-        perturb_sigma_init=0.0,
-        perturb_sigma_learnable=False,
-        dual_clip_c=None,
-        **common,
-    )
+    grpo, alp = _grpo_and_noise_free_alp(saved_model_dir, tokenizer, prompt_dataset, common)
     inputs = _fixed_inputs(tokenizer)
     current = _current_logps(grpo, inputs)
-    row_bias = torch.tensor([[-1.0], [1.0], [-1.0], [1.0]])
-    denominator = current + 0.3 * (
-        torch.sin(torch.arange(current.numel(), dtype=current.dtype)).view_as(current) + row_bias
-    )
+    denominator = current + _shifted(current, 0.3)
     for _ in range(2):
         grpo_loss, grpo_grads = _loss_and_grads(grpo, {**inputs, "old_per_token_logps": denominator})
         alp_loss, alp_grads = _loss_and_grads(alp, {**inputs, "sampling_per_token_logps": denominator})
