@@ -16,7 +16,10 @@ COMPARE_STEPS ?= 12
 
 BENCH_MODELS ?= tiny smollm2
 
-.PHONY: install demo compare bench test test-fast quality style clean
+STUDY_GRID ?= studies/evidence_cpu.yaml
+STUDY_OUT ?= outputs/study
+
+.PHONY: install demo compare bench study test test-fast quality style clean
 
 # torch first (the local CPU wheel), so that no dependency pulls a multi-GB CUDA build.
 install: $(VENV)/.installed
@@ -44,6 +47,10 @@ compare: install
 # ALP's cost vs plain GRPOTrainer (ratios, same run); results in docs/benchmarks_cpu.{json,md}, discussed in docs/benchmarks.md.
 bench: install
 	$(PY) benchmarks/bench.py --models $(BENCH_MODELS) --steps 4 --repeats 2 --out docs/benchmarks_cpu.json
+
+# The evidence grid (docs/evidence.md): resumable, one result file per run in $(STUDY_OUT)/runs; hours on 2 CPU cores.
+study: install
+	$(PY) -m alp_trl.study --grid $(STUDY_GRID) --out $(STUDY_OUT) --report docs/evidence.md
 
 test: install
 	$(PY) -m pytest tests -q --durations=10

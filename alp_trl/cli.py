@@ -15,6 +15,7 @@ COMMANDS = {
     ),
     "eval": ("alp_trl.evaluate", "avg@k / pass@k on math benchmarks: alp-trl eval MODEL --benchmarks gsm8k --k 4"),
     "compare": ("alp_trl.compare", "ALP vs baselines under one simulated mismatch: alp-trl compare [--max-steps N]"),
+    "study": ("alp_trl.study", "a resumable grid of experiments and seeds: alp-trl study --grid GRID.yaml --out DIR"),
 }
 
 

@@ -133,6 +133,38 @@ def sample_rollouts(
     return batches
 
 
+def pad_batches(batches):
+    """Right-pad every batch's completion tensors to the widest completion, so they concatenate."""
+    width = max(b[2].size(1) for b in batches)
+    return [
+        tuple(torch.nn.functional.pad(t, (0, width - t.size(1))) if i >= 2 else t for i, t in enumerate(b))
+        for b in batches
+    ]
+
+
+def group_advantages(tokenizer, batches, answers: list[str], num_generations: int, reward: str = "math"):
+    """Rewards of every rollout and GRPO's group-normalised advantages split like `batches`. `reward="math"`:
+    math-verify accuracy plus 0.1 for a `\\boxed{}` answer (so that groups differ even when no sample is right);
+    `"diversity"`: distinct characters / 10 (for random test models, whose answers are never right)."""
+    from .rewards import completion_text, grade, make_format_reward
+
+    texts = tokenizer.batch_decode(
+        torch.cat([b[2] * b[3] + tokenizer.pad_token_id * (1 - b[3]) for b in batches]), skip_special_tokens=True
+    )
+    if reward == "diversity":
+        rewards = torch.tensor([len(set(t)) / 10 for t in texts], dtype=torch.float32)
+    elif reward == "math":
+        boxed = make_format_reward("boxed")(texts)
+        rewards = torch.tensor(
+            [grade(completion_text(t), a)[0] + 0.1 * f for t, a, f in zip(texts, answers, boxed)], dtype=torch.float32
+        )
+    else:
+        raise ValueError(f"`reward` got {reward!r}; allowed values are ['math', 'diversity'].")
+    groups = rewards.view(-1, num_generations)
+    advantages = ((groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + 1e-4)).flatten()
+    return rewards, list(advantages.split([b[2].size(0) for b in batches]))
+
+
 def plot_envelopes(panels: dict[str, dict[str, list[dict]]], path: str, title: str) -> None:
     """One axis per panel; in each, the p1-p99 / p5-p95 bands and the median of every envelope, vs probability."""
     import matplotlib
@@ -256,11 +288,7 @@ def main(argv=None) -> dict:
         args.seed,
         args.batch_size,
     )
-    width = max(b[2].size(1) for b in batches)
-    batches = [
-        tuple(torch.nn.functional.pad(t, (0, width - t.size(1))) if i >= 2 else t for i, t in enumerate(b))
-        for b in batches
-    ]
+    batches = pad_batches(batches)
     mask = torch.cat([b[3] for b in batches])
     rollout = torch.cat([b[4] for b in batches])
 
@@ -288,18 +316,10 @@ def main(argv=None) -> dict:
     }
 
     if args.update_lr > 0:
-        from .rewards import completion_text, grade
-
-        texts = tokenizer.batch_decode(
-            torch.cat([b[2] * b[3] + tokenizer.pad_token_id * (1 - b[3]) for b in batches]), skip_special_tokens=True
-        )
         answers = [a for a in prepared["answer"] for _ in range(args.num_generations)]
-        rewards = torch.tensor([grade(completion_text(t), a)[0] for t, a in zip(texts, answers)])
-        groups = rewards.view(-1, args.num_generations)
-        advantages = ((groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + 1e-4)).flatten()
-        advantages = list(advantages.split([b[2].size(0) for b in batches]))
+        rewards, advantages = group_advantages(tokenizer, batches, answers, args.num_generations)
         report["reward_mean"] = float(rewards.mean())
-        if float(groups.std(1).max()) == 0.0:
+        if float(rewards.view(-1, args.num_generations).std(1).max()) == 0.0:
             print(
                 "warning: every group got the same reward, so the advantages are 0 and the update changes nothing;"
                 " use more prompts or generations."

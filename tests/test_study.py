@@ -1,0 +1,142 @@
+"""`alp-trl study`: a 2-point intervention grid and a 1-method training grid on the tiny model, 1 seed, resumable."""
+
+import json
+
+import pytest
+import yaml
+
+from alp_trl import study
+
+
+def _grid(tmp_path, model_dir, **extra) -> str:
+    grid = {
+        "model": str(model_dir),
+        "seeds": [0],
+        "experiments": [
+            {
+                "kind": "intervention",
+                "name": "iv",
+                "data": {
+                    "num_prompts": 2,
+                    "num_generations": 2,
+                    "max_new_tokens": 6,
+                    "batch_size": 4,
+                    "reward": "diversity",
+                },
+                "engines": [{"rollout_mismatch": "logit_noise", "rollout_mismatch_std": 0.5}],
+                "update_lr": 1e-3,
+                "bypass_lr_multipliers": [0.5, 2],
+                "perturbations": {"product": {"perturb_sigma_init": [0.01, 0.5]}},
+            }
+        ],
+        **extra,
+    }
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    return str(path)
+
+
+def test_intervention_grid_runs_resumes_and_reports(tmp_path, saved_model_dir):
+    grid = _grid(tmp_path, saved_model_dir)
+    out, report = tmp_path / "out", tmp_path / "evidence.md"
+    results = study.main(["--grid", grid, "--out", str(out), "--report", str(report)])
+    records = results["records"]
+    assert [r["unit"]["id"] for r in records] == [
+        "iv__logit_noise0.5__seed0__bypass",
+        "iv__logit_noise0.5__seed0__absolute-s0.01-all",
+        "iv__logit_noise0.5__seed0__absolute-s0.5-all",
+    ]
+    assert all(r["status"] == "ok" for r in records), [r.get("error") for r in records]
+    small, large = (r["result"] for r in records[1:])
+    # the same rollouts for both configs: the unperturbed envelope is identical, the stronger noise widens it more
+    assert small["unperturbed"] == large["unperturbed"]
+    assert large["perturbed"]["width_p01_p99"] > small["perturbed"]["width_p01_p99"]
+    bypass = records[0]["result"]["points"]
+    assert [p["lr"] for p in bypass] == [5e-4, 2e-3] and bypass[1]["update_size_kl"] > bypass[0]["update_size_kl"]
+    text = report.read_text()
+    assert "| logit_noise0.5 | absolute | 0.01 | all | 1 |" in text and "alp-trl study --grid" in text
+    # resumable: a second run does nothing new; a deleted unit is redone alone
+    before = {p.name: p.stat().st_mtime for p in (out / "runs").iterdir()}
+    (out / "runs" / "iv__logit_noise0.5__seed0__absolute-s0.5-all.json").unlink()
+    study.main(["--grid", grid, "--out", str(out)])
+    after = {p.name: p.stat().st_mtime for p in (out / "runs").iterdir()}
+    assert set(after) == set(before)
+    changed = {name for name in after if name not in before or after[name] != before[name]}
+    assert changed == {"iv__logit_noise0.5__seed0__absolute-s0.5-all.json"}
+    assert json.loads((out / "results.json").read_text())["records"][2]["status"] == "ok"
+
+
+def test_matched_bypass_interpolates_in_log_update_size():
+    points = [
+        {"update_size_kl": 1e-4, "vs_rollout": {"kl_k3": 0.01}},
+        {"update_size_kl": 1e-2, "vs_rollout": {"kl_k3": 0.03}},
+    ]
+    assert study.matched_bypass(points, 1e-3) == pytest.approx(0.02)
+    assert study.matched_bypass(points, 1e-1) is None and study.matched_bypass(points, 1e-5) is None
+
+
+def test_training_summary_counts_spikes_by_value():
+    history = [
+        {"step": 1, "grad_norm": 1.0, "alp/train_rollout_kl": 0.01, "reward": 0.1},
+        {"step": 2, "grad_norm": 50.0, "alp/train_rollout_kl": 0.02, "reward": 0.3},
+        {"step": 3, "grad_norm": 2.0, "alp/train_rollout_kl": 0.2, "reward": 0.2},
+        {"step": 4, "grad_norm": 1.0, "alp/train_rollout_kl": 0.01, "reward": 0.25},
+    ]
+    summary = study.summarize_training(history, {"spike_kl": 0.1, "spike_grad_norm": 10.0})
+    assert summary["spike_frac"] == 0.5 and summary["max_train_rollout_kl"] == 0.2
+    assert summary["best_reward"] == 0.3 and summary["final_reward"] == 0.25 and summary["late_reward"] == 0.225
+
+
+def test_bad_grid_is_refused_naming_the_key(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"model": "m", "seeds": [0], "experiments": [{"kind": "sweep", "name": "x"}]}))
+    with pytest.raises(SystemExit):
+        study.main(["--grid", str(path), "--out", str(tmp_path / "o")])
+    assert "experiments[0].kind" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_train_grid_runs_the_entry_point_per_method_and_seed(tmp_path, saved_model_dir):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "model_name_or_path": "replaced-by-the-grid",
+                "dataset_name": "builtin:arithmetic",
+                "reward_funcs": ["format", "length"],
+                "length_target_chars": 10,
+                "per_device_train_batch_size": 4,
+                "num_generations": 4,
+                "max_completion_length": 8,
+                "logging_steps": 1,
+                "report_to": "none",
+                "use_cpu": True,
+                "bf16": False,
+            }
+        )
+    )
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(
+        yaml.safe_dump(
+            {
+                "model": str(saved_model_dir),
+                "seeds": [0],
+                "experiments": [
+                    {
+                        "kind": "train",
+                        "name": "tr",
+                        "recipe": str(recipe),
+                        "overrides": {"max_steps": 2, "rollout_mismatch": "bf16"},
+                        "methods": {"ALP": {"off_policy_correction": "alp"}, "GRPO": {"off_policy_correction": "ppo"}},
+                    }
+                ],
+            }
+        )
+    )
+    results = study.main(["--grid", str(grid), "--out", str(tmp_path / "out"), "--report", str(tmp_path / "r.md")])
+    records = results["records"]
+    assert [r["status"] for r in records] == ["ok", "ok"], [r.get("error") for r in records]
+    for record in records:
+        summary = record["result"]["summary"]
+        assert summary["steps"] == 2 and summary["max_train_rollout_kl"] is not None
+    assert "| tr | GRPO | 0 | ok | 2 |" in (tmp_path / "r.md").read_text()
