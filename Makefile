@@ -17,7 +17,7 @@ COMPARE_STEPS ?= 12
 BENCH_MODELS ?= tiny smollm2
 
 STUDY_GRID ?= studies/evidence_cpu.yaml
-STUDY_OUT ?= outputs/study
+STUDY_OUT ?= docs/evidence
 
 .PHONY: install demo compare bench study test test-fast quality style clean
 
@@ -48,7 +48,7 @@ compare: install
 bench: install
 	$(PY) benchmarks/bench.py --models $(BENCH_MODELS) --steps 4 --repeats 2 --out docs/benchmarks_cpu.json
 
-# The evidence grid (docs/evidence.md): resumable, one result file per run in $(STUDY_OUT)/runs; hours on 2 CPU cores.
+# The evidence grid (docs/evidence.md): resumable, one result file per unit in $(STUDY_OUT)/units; hours on 2 CPU cores.
 study: install
 	$(PY) -m alp_trl.study --grid $(STUDY_GRID) --out $(STUDY_OUT) --report docs/evidence.md
 

@@ -14,7 +14,7 @@ A grid is a YAML file with a `model`, `seeds` and a list of `experiments`, each 
   final and best reward).
 
 Every unit of work (one perturbation config of one engine and seed, one Bypass curve, one training run) writes
-`DIR/runs/<id>.json` when it is done; a second invocation skips what exists, so an interruption loses at most the
+`DIR/units/<id>.json` when it is done; a second invocation skips what exists, so an interruption loses at most the
 unit in progress. `DIR/results.json` collects every unit, failed ones included (with their error), and
 `--report PATH` writes the markdown report (tables as mean +- std over seeds, every run listed, plots).
 """
@@ -395,7 +395,7 @@ def run_study(grid_path: str, out_dir: str, only: list[str] | None = None) -> di
     if only:
         units = [u for u in units if u["experiment"] in only]
     experiments = {e["name"]: e for e in grid["experiments"]}
-    runs_dir = os.path.join(out_dir, "runs")
+    runs_dir = os.path.join(out_dir, "units")
     os.makedirs(runs_dir, exist_ok=True)
     context = InterventionContext(grid, out_dir)
     todo = [u for u in units if not os.path.exists(os.path.join(runs_dir, f"{u['id']}.json"))]
@@ -436,7 +436,7 @@ def machine() -> str:
 def collect(grid: dict, grid_path: str, out_dir: str, units: list[dict]) -> dict:
     records = []
     for unit in units:
-        path = os.path.join(out_dir, "runs", f"{unit['id']}.json")
+        path = os.path.join(out_dir, "units", f"{unit['id']}.json")
         if os.path.exists(path):
             with open(path) as f:
                 records.append(json.load(f))

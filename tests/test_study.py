@@ -56,10 +56,10 @@ def test_intervention_grid_runs_resumes_and_reports(tmp_path, saved_model_dir):
     text = report.read_text()
     assert "| logit_noise0.5 | absolute | 0.01 | all | 1 |" in text and "alp-trl study --grid" in text
     # resumable: a second run does nothing new; a deleted unit is redone alone
-    before = {p.name: p.stat().st_mtime for p in (out / "runs").iterdir()}
-    (out / "runs" / "iv__logit_noise0.5__seed0__absolute-s0.5-all.json").unlink()
+    before = {p.name: p.stat().st_mtime for p in (out / "units").iterdir()}
+    (out / "units" / "iv__logit_noise0.5__seed0__absolute-s0.5-all.json").unlink()
     study.main(["--grid", grid, "--out", str(out)])
-    after = {p.name: p.stat().st_mtime for p in (out / "runs").iterdir()}
+    after = {p.name: p.stat().st_mtime for p in (out / "units").iterdir()}
     assert set(after) == set(before)
     changed = {name for name in after if name not in before or after[name] != before[name]}
     assert changed == {"iv__logit_noise0.5__seed0__absolute-s0.5-all.json"}
