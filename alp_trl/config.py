@@ -17,6 +17,7 @@ OFF_POLICY_CORRECTIONS = ("alp", "bypass", "token_mis", "seq_mis", "tis", "seq_t
 ROLLOUT_CORRECTIONS = ("token_mis", "seq_mis", "tis", "seq_tis")
 MIS_REJECTIONS = ("drop", "zero")
 MIS_AGGREGATIONS = ("sum", "mean")
+CODE_TOOLS = ("none", "python")
 LAYER_SPECS = ("all", "early", "middle", "late", "final_hidden", "none")
 # Old name of "final_hidden", still accepted: it perturbs the final hidden state (before the LM head), not the logits.
 _LAYER_SPEC_ALIASES = {"logits": "final_hidden"}
@@ -137,6 +138,22 @@ class ALPConfig(GRPOConfig):
             TRL's own vLLM importance-sampling correction. `None` means: on for `off_policy_correction="none"`, off
             otherwise, because ALP and the baselines replace it. Setting it to `True` together with another correction
             is refused, so that two corrections never stack.
+
+        > Multi-turn tool-integrated reasoning (SimpleTIR style)
+
+        code_tool (`str`, *optional*, defaults to `"none"`):
+            `"python"`: the model may write a fenced ```python block; the trainer runs it in the sandbox
+            (`alp_trl.sandbox`), appends its output as a fenced ```output block (tool tokens: context, never trained)
+            and lets the model continue, up to `max_turns` turns (see `alp_trl.tool_rollout`).
+        max_turns (`int`, *optional*, defaults to `5`):
+            Model turns per completion (>= 1).
+        code_timeout (`float`, *optional*, defaults to `5.0`):
+            Wall-clock and CPU seconds of one code execution (> 0).
+        code_memory_mb (`int`, *optional*, defaults to `1024`):
+            Address-space limit of one code execution in MiB (> 0).
+        void_turn_filter (`bool`, *optional*, defaults to `True`):
+            A turn with neither a code block nor a final answer (`\boxed{}`) ends the trajectory; with `True` the
+            trajectory is also left out of the loss (SimpleTIR's void-turn filtering), with `False` it is kept.
 
         > Numerical safety
 
@@ -270,6 +287,24 @@ class ALPConfig(GRPOConfig):
         },
     )
 
+    code_tool: str = field(
+        default="none",
+        metadata={
+            "help": "'python': multi-turn tool-integrated reasoning; the model's ```python blocks run in a sandbox and "
+            "their output is appended as context (SimpleTIR style).",
+            "choices": list(CODE_TOOLS),
+        },
+    )
+    max_turns: int = field(default=5, metadata={"help": "Model turns per completion with code_tool (>= 1)."})
+    code_timeout: float = field(default=5.0, metadata={"help": "Seconds one code execution may take (> 0)."})
+    code_memory_mb: int = field(default=1024, metadata={"help": "Memory limit of one code execution, MiB (> 0)."})
+    void_turn_filter: bool = field(
+        default=True,
+        metadata={
+            "help": "A turn with neither code nor a final answer ends the trajectory; True also leaves the "
+            "trajectory out of the loss (SimpleTIR)."
+        },
+    )
     cudnn_sdpa_backward: str = field(
         default="auto",
         metadata={
@@ -385,6 +420,13 @@ class ALPConfig(GRPOConfig):
         _check_choice("sequence_ratio_aggregation", self.sequence_ratio_aggregation, SEQUENCE_RATIO_AGGREGATIONS)
         self.perturb_layers = parse_layer_spec(self.perturb_layers)
         _check_choice("cudnn_sdpa_backward", self.cudnn_sdpa_backward, CUDNN_SDPA_SETTINGS)
+        _check_choice("code_tool", self.code_tool, CODE_TOOLS)
+        for name, kind in (("max_turns", int), ("code_memory_mb", int), ("code_timeout", (int, float))):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, kind) or not value > 0 or not math.isfinite(value):
+                raise ValueError(
+                    f"`{name}` must be {'an integer >= 1' if kind is int else 'a number > 0'}, got {value!r}."
+                )
         if (
             not isinstance(self.max_consecutive_nonfinite_steps, int)
             or isinstance(self.max_consecutive_nonfinite_steps, bool)

@@ -51,6 +51,7 @@ from .objectives import (
 from .perturbation import MODULE_NAME, LayerwisePerturbation, deepspeed_fp32_master
 from .rollout_logprobs import RecordingMismatch, capture_generation_logprobs, rollout_logprobs_misalignment
 from .rollout_mismatch import simulated_sampler
+from .tool_rollout import trainer_tir_rollout
 
 
 logger = logging.getLogger(__name__)
@@ -140,6 +141,15 @@ class ALPGRPOTrainer(GRPOTrainer):
                 f"ALPGRPOTrainer needs an ALPConfig, got {type(args).__name__}. Build one with the same fields: "
                 "ALPConfig(**your_grpo_config.to_dict()) or use trl.GRPOTrainer for plain GRPO."
             )
+        if args.code_tool == "python":
+            # SimpleTIR-style multi-turn rollouts through TRL's `rollout_func` hook (alp_trl.tool_rollout)
+            for name in ("rollout_func", "tools", "environment_factory"):
+                if kwargs.get(name):
+                    raise ValueError(
+                        f"`code_tool='python'` runs its own multi-turn loop and cannot be combined with `{name}`: use "
+                        "one or the other (TRL's tools / environments, or code_tool)."
+                    )
+            kwargs["rollout_func"] = trainer_tir_rollout
         super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
         self._warned_missing_rollout_logps = False
         self._rollout_logps_problem: str | None = None
