@@ -19,7 +19,10 @@ BENCH_MODELS ?= tiny smollm2
 STUDY_GRID ?= studies/evidence_cpu.yaml
 STUDY_OUT ?= docs/evidence
 
-.PHONY: install demo compare bench study test test-fast quality style clean
+DEMO_TOOLS_RECIPE ?= recipes/SmolLM2-135M-Instruct/alp/config_demo_tools.yaml
+DEMO_TOOLS_OUTPUT ?= outputs/SmolLM2-135M-Instruct-ALP-tools-demo
+
+.PHONY: install demo demo-tools compare bench study test test-fast quality style clean
 
 # torch first (the local CPU wheel), so that no dependency pulls a multi-GB CUDA build.
 install: $(VENV)/.installed
@@ -41,6 +44,11 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(VENV)/bin/accelerate launch --config_file accelerate_configs/cpu.yaml -m alp_trl.train \
 		--config $(DEMO_RECIPE) --output_dir $(DEMO_OUTPUT)
+
+# Offline CPU demo of multi-turn tool use: the model's Python runs in the sandbox (bubblewrap), a few ALP steps.
+demo-tools: install
+	$(VENV)/bin/accelerate launch --config_file accelerate_configs/cpu.yaml -m alp_trl.train \
+		--config $(DEMO_TOOLS_RECIPE) --output_dir $(DEMO_TOOLS_OUTPUT)
 
 # ALP vs Bypass vs Token-MIS vs GRPO on the demo model, bf16-weight rollout engine, same seeds (CPU, ~10-15 min).
 compare: install

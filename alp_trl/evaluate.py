@@ -155,6 +155,71 @@ def generate_transformers(
     return outputs
 
 
+def generate_tir_transformers(
+    model,
+    tokenizer,
+    prompts: list[str],
+    k: int,
+    temperature: float,
+    max_new_tokens: int,
+    batch_size: int,
+    seed: int,
+    max_turns: int = 5,
+    code_timeout: float = 5.0,
+    code_memory_mb: int = 1024,
+) -> list[list[str]]:
+    """k multi-turn tool-integrated completions per prompt (`alp_trl.tool_rollout.run_tir`, the loop training uses,
+    with the sandboxed Python tool); `max_new_tokens` bounds model + tool tokens together, as in training."""
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import GenerationConfig
+
+    from .tool_rollout import run_tir
+
+    eos = tokenizer.eos_token_id
+    config = GenerationConfig(
+        do_sample=temperature > 0,
+        temperature=temperature if temperature > 0 else None,
+        top_p=1.0,
+        top_k=0,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=eos,
+    )
+
+    def generate(inputs, first_turn):
+        outputs = []
+        for start in range(0, len(inputs), batch_size):
+            batch = inputs[start : start + batch_size]
+            width = max(len(x) for x in batch)
+            ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(x)) + x for x in batch], device=model.device)
+            mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch], device=model.device)
+            with torch.no_grad():
+                out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+            for row in out[:, width:].tolist():
+                outputs.append(row[: row.index(eos) + 1] if eos in row else row)
+        return outputs, None
+
+    repeated = [p for p in prompts for _ in range(k)]
+    prompt_ids = [tokenizer(p, add_special_tokens=False).input_ids for p in repeated]
+    texts = []
+    for start in tqdm(range(0, len(prompt_ids), batch_size), desc="Generating (with the tool)", unit="batch"):
+        torch.manual_seed(seed + start)
+        completions, _, _, _ = run_tir(
+            generate,
+            tokenizer,
+            prompt_ids[start : start + batch_size],
+            max_new_tokens,
+            max_turns,
+            code_timeout,
+            code_memory_mb,
+            void_turn_filter=False,
+            eos_token_ids=(eos,),
+        )
+        texts += tokenizer.batch_decode(completions, skip_special_tokens=True)
+    return [texts[i * k : (i + 1) * k] for i in range(len(prompts))]
+
+
 def generate_vllm(
     model_path: str, prompts: list[str], k: int, temperature: float, max_new_tokens: int, seed: int
 ) -> list[list[str]]:
@@ -200,6 +265,13 @@ def main(argv=None) -> dict:
         help="take prompt_template and system_prompt from the training recipe (evaluate with the prompt it trained on)",
     )
     parser.add_argument("--backend", default="auto", choices=["auto", "transformers", "vllm"])
+    parser.add_argument(
+        "--code-tool",
+        default="none",
+        choices=["none", "python"],
+        help="python: the multi-turn loop with the sandboxed Python tool, as trained with code_tool=python",
+    )
+    parser.add_argument("--max-turns", type=int, default=5, help="model turns with --code-tool python")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="output folder (default: MODEL/eval, or ./eval)")
     parser.add_argument("--save-completions", action="store_true", help="also store every completion's text")
@@ -211,6 +283,12 @@ def main(argv=None) -> dict:
     for name in args.benchmarks:
         if name not in BENCHMARKS and not os.path.exists(name):
             parser.error(f"unknown benchmark {name!r}; known: {sorted(BENCHMARKS)}, or a local jsonl/parquet file")
+    if args.max_turns < 1:
+        parser.error("--max-turns must be >= 1")
+    if args.code_tool == "python" and args.backend == "vllm":
+        parser.error(
+            "--code-tool python runs with --backend transformers (the multi-turn loop is not wired to vLLM here)"
+        )
     if args.prompt_from_recipe is not None:
         if not os.path.exists(args.prompt_from_recipe):
             parser.error(f"--prompt-from-recipe: no file {args.prompt_from_recipe!r}")
@@ -223,6 +301,8 @@ def main(argv=None) -> dict:
     backend = args.backend
     if backend == "auto":
         backend = "vllm" if importlib.util.find_spec("vllm") is not None and _has_cuda() else "transformers"
+        if args.code_tool == "python":
+            backend = "transformers"
     start = time.time()
     benchmarks = {name: load_problems(name, args.limit) for name in args.benchmarks}
 
@@ -258,6 +338,18 @@ def main(argv=None) -> dict:
             completions = generate_vllm(
                 resolve_model_path(args.model), prompts, args.k, args.temperature, args.max_new_tokens, args.seed
             )
+        elif args.code_tool == "python":
+            completions = generate_tir_transformers(
+                model,
+                tokenizer,
+                prompts,
+                args.k,
+                args.temperature,
+                args.max_new_tokens,
+                args.batch_size,
+                args.seed,
+                max_turns=args.max_turns,
+            )
         else:
             completions = generate_transformers(
                 model, tokenizer, prompts, args.k, args.temperature, args.max_new_tokens, args.batch_size, args.seed
@@ -289,6 +381,8 @@ def main(argv=None) -> dict:
         "seed": args.seed,
         "limit": args.limit,
         "prompt_template": args.prompt_template,
+        "code_tool": args.code_tool,
+        "max_turns": args.max_turns if args.code_tool == "python" else None,
         "system_prompt": args.system_prompt,
         "seconds": round(time.time() - start, 1),
         "results": results,

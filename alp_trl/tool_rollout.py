@@ -17,12 +17,15 @@ block, and a `\\boxed{}` inside them cannot pass for the model's answer.
 recorded per turn; or plain `generate` for evaluation); `trainer_tir_rollout` adapts it to TRL's `rollout_func`.
 """
 
+import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .sandbox import STATUSES, SandboxResult, run_python_batch
 
+
+logger = logging.getLogger(__name__)
 
 CODE_BLOCK = re.compile(r"```python[ \t]*\n(.*?)```", re.DOTALL)
 FINAL_ANSWER = "\\boxed{"
@@ -71,6 +74,7 @@ class TIRStats:
     failures: dict[str, list[int]] = field(default_factory=dict)
     tool_tokens: list[int] = field(default_factory=list)
     model_tokens: list[int] = field(default_factory=list)
+    examples: list[tuple[str, str, str]] = field(default_factory=list)
 
 
 def run_tir(
@@ -137,6 +141,8 @@ def run_tir(
         results = execute([pending[i] for i in order])
         still = []
         for i, result in zip(order, results):
+            if len(stats.examples) < 2:
+                stats.examples.append((pending[i], result.status, result.output[:300]))
             stats.calls[i] += 1
             if result.status != "ok":
                 stats.failures[result.status][i] += 1
@@ -182,6 +188,11 @@ def trainer_tir_rollout(prompts: list, trainer) -> dict:
         args.void_turn_filter,
         tuple(trainer.eos_token_ids),
     )
+    if trainer.accelerator.is_main_process:
+        for code, status, output in stats.examples[:1]:
+            logger.info(
+                "Tool call (%s):\n%s\n-> %s", status, code.strip()[:300], output.strip()[:300] or "(no output)"
+            )
     columns = [stats.calls, stats.turns, [float(v) for v in stats.void_stop], stats.tool_tokens, stats.model_tokens]
     columns += [stats.failures[k] for k in FAILURE_KINDS]
     local = torch.tensor(columns, dtype=torch.float32, device=trainer.accelerator.device).sum(-1)

@@ -227,3 +227,25 @@ def test_code_tool_refuses_other_multi_turn_hooks(make_model, tokenizer, train_a
 def test_bad_limits_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         ALPConfig(output_dir="/tmp/x", use_cpu=True, code_tool="python", **{field: value})
+
+
+@needs_sandbox
+def test_eval_runs_the_same_multi_turn_loop(make_model, tokenizer):
+    from alp_trl.evaluate import generate_tir_transformers
+
+    model = make_model()
+    model.config.max_position_embeddings = 1024
+    model.generate = ScriptedGenerate(model, tokenizer, tir_script)
+    prompts = ["What is 3 + 4?", "Compute 3 + 4."]
+    completions = generate_tir_transformers(model, tokenizer, prompts, 2, 1.0, 96, 4, 0, max_turns=3)
+    assert [len(c) for c in completions] == [2, 2]
+    for text in (t for c in completions for t in c):
+        assert "```output\n7\n```" in text and "\\boxed{" in text and "cut" not in text
+
+
+def test_eval_refuses_the_tool_with_vllm(saved_model_dir, capsys):
+    from alp_trl.evaluate import main as eval_main
+
+    with pytest.raises(SystemExit):
+        eval_main([saved_model_dir, "--code-tool", "python", "--backend", "vllm"])
+    assert "--code-tool python runs with --backend transformers" in capsys.readouterr().err
