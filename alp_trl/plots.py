@@ -43,7 +43,36 @@ PANELS = {
     "clip fraction": (["alp/clip_frac", "alp/dual_clip_frac", "clip_ratio/region_mean"], False),
     "entropy": (["entropy"], False),
     "sigma per layer": ([], True),  # filled with alp/sigma/layer_XX
+    "tool use (code_tool)": (
+        [
+            "tools/calls_per_completion",
+            "tools/turns_per_completion",
+            "tools/void_turn_stops",
+            "tools/tool_token_frac",
+            "tools/failures/error",
+            "tools/failures/timeout",
+            "tools/failures/memory_limit",
+            "tools/failures/unavailable",
+        ],
+        False,
+    ),
+    "noise survival (ALP)": (["alp/noise_survival"], False),
+    "importance weights (train / rollout)": (["alp/is_weight_chi2", "alp/is_weight_ess_frac", "alp/ppl_ratio"], False),
 }
+
+
+def panel_keys(history: list[dict]) -> dict[str, list[str]]:
+    """The metric keys each panel draws for this history (only those logged)."""
+    train = [r for r in history if not any(k.startswith("eval_") for k in r) and "train_runtime" not in r]
+    logged = {k for r in train for k, v in r.items() if isinstance(v, (int, float))}
+    reward_keys = sorted(k for k in logged if k.startswith("rewards/") and k.endswith("/mean"))
+    sigma_keys = sorted(k for k in logged if k.startswith("alp/sigma/layer_"))
+    out = {}
+    for name, (keys, _) in PANELS.items():
+        keys = keys + reward_keys if name == "reward" else keys
+        keys = sigma_keys if name == "sigma per layer" else keys
+        out[name] = [k for k in keys if k in logged]
+    return out
 
 
 def plot_training_curves(history: list[dict], out_dir: str, title: str | None = None) -> list[str]:
@@ -54,18 +83,16 @@ def plot_training_curves(history: list[dict], out_dir: str, title: str | None = 
     import matplotlib.pyplot as plt
 
     train = [r for r in history if not any(k.startswith("eval_") for k in r) and "train_runtime" not in r]
-    reward_keys = sorted({k for r in train for k in r if k.startswith("rewards/") and k.endswith("/mean")})
-    sigma_keys = sorted({k for r in train for k in r if k.startswith("alp/sigma/layer_")})
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8), constrained_layout=True)
-    for ax, (name, (keys, log_scale)) in zip(axes.flat, PANELS.items()):
-        keys = keys + reward_keys if name == "reward" else keys
-        keys = sigma_keys if name == "sigma per layer" else keys
+    drawn_keys = panel_keys(history)
+    fig, axes = plt.subplots(3, 3, figsize=(15, 12), constrained_layout=True)
+    for ax, (name, (_, log_scale)) in zip(axes.flat, PANELS.items()):
+        keys = drawn_keys[name]
         drawn = 0
         for key in keys:
             steps, values = _series(train, key)
             if not steps:
                 continue
-            label = key.removeprefix("alp/sigma/").removeprefix("alp/").removeprefix("rewards/")
+            label = key.removeprefix("alp/sigma/").removeprefix("alp/").removeprefix("rewards/").removeprefix("tools/")
             ax.plot(
                 steps,
                 values,

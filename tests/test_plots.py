@@ -70,3 +70,17 @@ def test_cli_plot_command(tmp_path, capsys):
     assert "training_curves.png" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         cli_main(["fly"])
+
+
+def test_tool_use_noise_survival_and_weight_panels():
+    from alp_trl.plots import panel_keys
+
+    history = [
+        {"step": 1, "reward": 0.1, "tools/calls_per_completion": 1.0, "tools/failures/timeout": 0.25},
+        {"step": 2, "reward": 0.2, "alp/noise_survival": 0.97, "alp/is_weight_chi2": 0.01},
+    ]
+    keys = panel_keys(history)
+    assert keys["tool use (code_tool)"] == ["tools/calls_per_completion", "tools/failures/timeout"]
+    assert keys["noise survival (ALP)"] == ["alp/noise_survival"]
+    assert keys["importance weights (train / rollout)"] == ["alp/is_weight_chi2"]
+    assert keys["entropy"] == []
