@@ -32,14 +32,16 @@ _ROUNDING = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 @contextmanager
 def _rounded_weights(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
+    """The weights rounded to `dtype` inside the context, restored bit for bit on the way out, whatever happens (the
+    rounding itself is inside the `try`: an interruption half-way through restores what was already rounded)."""
     originals = {}
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if MODULE_NAME in name.split(".") or not param.is_floating_point() or param.dtype == dtype:
-                continue
-            originals[name] = param.detach().clone()
-            param.copy_(param.to(dtype).to(param.dtype))
     try:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if MODULE_NAME in name.split(".") or not param.is_floating_point() or param.dtype == dtype:
+                    continue
+                originals[name] = param.detach().clone()
+                param.copy_(param.to(dtype).to(param.dtype))
         yield
     finally:
         with torch.no_grad():

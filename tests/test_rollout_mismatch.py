@@ -90,3 +90,38 @@ def test_trainer_rollout_logps_come_from_the_simulated_engine(
     assert metrics["rollout_mismatch/kl_k3"][-1] > 0
     if correction == "alp":
         assert trainer.perturbation.num_noise_calls == 0
+
+
+@pytest.mark.parametrize("kind", ["bf16", "fp16"])
+def test_weights_are_restored_bit_for_bit_when_generation_raises(make_model, kind):
+    """An exception inside the simulated engine's generation (or half-way through rounding) never leaves the live
+    policy's weights rounded."""
+    from alp_trl import rollout_mismatch
+
+    model = make_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(RuntimeError, match="generation failed"):
+        with rollout_mismatch.simulated_sampler(model, kind):
+            assert any(not torch.equal(before[n], p) for n, p in model.named_parameters()), "rounded inside"
+            raise RuntimeError("generation failed")
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
+    # interrupted during the rounding itself: the third parameter's copy raises
+    params = list(model.parameters())
+    calls = {"n": 0}
+    original_copy = torch.Tensor.copy_
+
+    def failing_copy(self, src, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original_copy(self, src, *args, **kwargs)
+
+    torch.Tensor.copy_ = failing_copy
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with rollout_mismatch.simulated_sampler(model, kind):
+                pass
+    finally:
+        torch.Tensor.copy_ = original_copy
+    assert len(params) > 3 and all(torch.equal(before[n], p) for n, p in model.named_parameters())
