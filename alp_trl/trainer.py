@@ -74,6 +74,17 @@ _FORWARD_KWARG_KEYS = (
 _LOSS_AGGREGATION = {"cispo": "dapo", "vespo": "dapo", "sapo": "grpo"}
 
 
+def reduce_named_scalars(accelerator, named: dict[str, tuple[torch.Tensor, str]]) -> dict[str, float]:
+    """Reduce named 0-d tensors across ranks, each by its own rule (`"mean"`, `"max"`, `"min"`, `"sum"`), with one
+    gather for all of them; returns plain floats by name."""
+    names = list(named)
+    device = named[names[0]][0].device
+    row = torch.stack([named[n][0].detach().float().to(device) for n in names]).unsqueeze(0)
+    gathered = accelerator.gather(row).view(-1, len(names))
+    rules = {"mean": torch.mean, "max": torch.amax, "min": torch.amin, "sum": torch.sum}
+    return {n: rules[named[n][1]](gathered[:, i]).item() for i, n in enumerate(names)}
+
+
 def _per_sequence_mean(flags: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Fraction of each completion's tokens that a `(B, T)` flag marks, `(B,)`."""
     return (flags.detach().float() * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
@@ -352,12 +363,9 @@ class ALPGRPOTrainer(GRPOTrainer):
             if clean is None:
                 clean = self._clean_policy_logps(output)
             stats = mismatch_statistics(clean, rollout, mask)
-            keys = ("logp_abs_diff_mean", "logp_abs_diff_max", "prob_abs_diff_max", "kl_k3")
-            gathered = self.accelerator.gather(torch.stack([stats[k] for k in keys]).unsqueeze(0)).view(-1, 4)
-            for column, key in enumerate(keys):
-                values = gathered[:, column]
-                value = values.max() if key.endswith("_max") else values.mean()
-                self._metrics[mode][f"rollout_mismatch/{key}"].append(value.item())
+            named = {f"rollout_mismatch/{k}": (v, "max" if k.endswith("_max") else "mean") for k, v in stats.items()}
+            for name, value in reduce_named_scalars(self.accelerator, named).items():
+                self._metrics[mode][name].append(value)
         if correction == "none" and args.rollout_mismatch == "none" and not self.use_vllm:
             # metrics-only (`log_rollout_mismatch`): TRL's loss must not see log-probs it would not have had
             output.pop("sampling_per_token_logps", None)
@@ -713,38 +721,29 @@ class ALPGRPOTrainer(GRPOTrainer):
         # TRL's per-sequence extremes of the clip fractions: the least low-clipped and the most high-clipped sequence
         stats["low_min"] = _per_sequence_mean(low, mask_f).min()
         stats["high_max"] = _per_sequence_mean(high, mask_f).max()
-        keys = (
-            "ratio_p50",
-            "ratio_p99",
-            "ratio_max",
-            "log_ratio_abs_max",
-            "kl_k3",
-            "low_min",
-            "high_max",
-            "abs_max_preclamp",
-        )
-        row = [stats[k] for k in keys] + [v.to(stats["ratio_p50"].device) for v in survival.values()]
-        width = len(row)
-        gathered = self.accelerator.gather(torch.stack(row).unsqueeze(0)).view(-1, width)
-        means, maxima = gathered.mean(0).tolist(), gathered.max(0).values.tolist()
-        metrics["clip_ratio/low_min"].append(gathered[:, 5].min().item())
-        metrics["clip_ratio/high_max"].append(maxima[6])
-        metrics["alp/ratio/p50"].append(means[0])
-        metrics["alp/ratio/p99"].append(means[1])
-        metrics["alp/ratio/max"].append(maxima[2])
-        metrics["alp/log_ratio_abs_max"].append(maxima[3])
-        metrics["alp/train_rollout_kl"].append(means[4])
-        diagnostics = weight_diagnostics({**reduced_weights, "abs_max_preclamp": maxima[7]})
-        metrics["alp/is_weight_chi2"].append(diagnostics["is_weight_chi2"])
-        metrics["alp/is_weight_ess_frac"].append(diagnostics["is_weight_ess_frac"])
-        metrics["alp/ppl_ratio"].append(diagnostics["ppl_ratio"])
+        named = {
+            "alp/ratio/p50": (stats["ratio_p50"], "mean"),
+            "alp/ratio/p99": (stats["ratio_p99"], "mean"),
+            "alp/ratio/max": (stats["ratio_max"], "max"),
+            "alp/log_ratio_abs_max": (stats["log_ratio_abs_max"], "max"),
+            "alp/train_rollout_kl": (stats["kl_k3"], "mean"),
+            "clip_ratio/low_min": (stats["low_min"], "min"),
+            "clip_ratio/high_max": (stats["high_max"], "max"),
+            "abs_max_preclamp": (stats["abs_max_preclamp"], "max"),
+        }
+        for layer, value in survival.items():  # mean over ranks, per layer
+            named[f"alp/noise_survival/layer_{layer:02d}"] = (value, "mean")
+        reduced = reduce_named_scalars(self.accelerator, named)  # one gather for all of them
+        for name, value in reduced.items():
+            if name != "abs_max_preclamp":
+                metrics[name].append(value)
+        diagnostics = weight_diagnostics({**reduced_weights, "abs_max_preclamp": reduced["abs_max_preclamp"]})
+        for name in ("is_weight_chi2", "is_weight_ess_frac", "ppl_ratio", "seq_clamped_frac"):
+            metrics[f"alp/{name}"].append(diagnostics[name])
         metrics["alp/log_ratio_abs_max_preclamp"].append(diagnostics["abs_max_preclamp"])
-        metrics["alp/seq_clamped_frac"].append(diagnostics["seq_clamped_frac"])
-        if survival:  # mean over ranks, per layer and over layers
-            per_layer = means[len(keys) :]
+        if survival:
+            per_layer = [reduced[f"alp/noise_survival/layer_{layer:02d}"] for layer in survival]
             metrics["alp/noise_survival"].append(sum(per_layer) / len(per_layer))
-            for layer, value in zip(survival, per_layer):
-                metrics[f"alp/noise_survival/layer_{layer:02d}"].append(value)
         if self.perturbation is not None:
             per_layer = self.perturbation.sigma_per_layer()  # every rank: under ZeRO-3 this gathers sigma
             self._last_sigma_per_layer = per_layer
