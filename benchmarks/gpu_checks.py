@@ -190,7 +190,7 @@ def launch(
 def tiny_model(workdir: str, model: str = "h64") -> str:
     """The random tiny Qwen2 of the launch checks, saved once: `h64` (4 layers, hidden 64, head_dim 16) or `hd128`
     (hidden 256, 2 heads: head_dim 128)."""
-    from alp_trl.testing_utils import build_tiny_causal_lm, build_tiny_tokenizer
+    from alp_trl.tiny_models import build_tiny_causal_lm, build_tiny_tokenizer
 
     model_dir = os.path.join(workdir, "tiny-qwen2" if model == "h64" else f"tiny-qwen2-{model}")
     if not os.path.exists(model_dir):
@@ -200,7 +200,7 @@ def tiny_model(workdir: str, model: str = "h64") -> str:
         elif model == "hd128":
             from transformers import AutoModelForCausalLM
 
-            from alp_trl.testing_utils import tiny_config
+            from alp_trl.tiny_models import tiny_config
 
             config = tiny_config("qwen2", len(tokenizer), num_layers=4, hidden_size=256)
             config.num_attention_heads = config.num_key_value_heads = 2

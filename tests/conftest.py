@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
-from alp_trl.testing_utils import build_tiny_causal_lm, build_tiny_tokenizer  # noqa: E402
+from alp_trl.tiny_models import build_tiny_causal_lm, build_tiny_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="session")

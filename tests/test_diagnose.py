@@ -9,7 +9,7 @@ import torch
 from alp_trl.diagnose import main as diagnose_main
 from alp_trl.diagnostics import binned_log_ratio_envelope, mismatch_statistics, ratio_statistics
 from alp_trl.perturbation import LayerwisePerturbation
-from alp_trl.testing_utils import build_tiny_causal_lm
+from alp_trl.tiny_models import build_tiny_causal_lm
 
 
 def test_ratio_and_mismatch_statistics_by_hand():

@@ -207,7 +207,7 @@ def test_multi_turn_logprobs_line_up_with_completion_ids_and_tool_mask(make_mode
     """TRL's tool / environment loop stitches two generation calls and a tool result: the stitched rollout log-probs
     equal, token for token, the policy's own log-probs of the stitched completion on the model's tokens (tool_mask 1),
     and are 0 on the tool's tokens; nothing is recomputed; ALP then trains on it."""
-    from alp_trl.testing_utils import build_tiny_tokenizer
+    from alp_trl.tiny_models import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
     tokenizer.chat_template = qwen2_5_chat_template  # a template TRL knows how to parse tool calls of

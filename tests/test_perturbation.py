@@ -16,7 +16,7 @@ from alp_trl.perturbation import (
     noise_seed,
     resolve_layer_indices,
 )
-from alp_trl.testing_utils import ARCHITECTURES, build_tiny_causal_lm
+from alp_trl.tiny_models import ARCHITECTURES, build_tiny_causal_lm
 
 
 EXPECTED_PATHS = {

@@ -10,9 +10,9 @@ import torch
 
 from alp_trl import ALPConfig
 from alp_trl.diagnostics import importance_weight_sums, weight_diagnostics
-from alp_trl.testing_utils import attach_fake_vllm
 
 from .conftest import alp_trainer
+from .fakes import attach_fake_vllm
 
 
 def _engine_batch(trainer, prompt_dataset, logit_noise=0.4):

@@ -4,7 +4,7 @@ import torch
 from transformers import GenerationConfig
 
 from alp_trl.rollout_logprobs import capture_generation_logprobs
-from alp_trl.testing_utils import build_tiny_causal_lm
+from alp_trl.tiny_models import build_tiny_causal_lm
 
 
 def _forward_logps(model, prompt_ids, prompt_mask, completion, temperature):

@@ -9,11 +9,11 @@ from datasets import Dataset
 
 from alp_trl import ALPConfig, ALPGRPOTrainer
 from alp_trl.sandbox import SandboxResult, sandbox_status
-from alp_trl.testing_utils import attach_fake_vllm
 from alp_trl.tool_rollout import first_code_block, format_tool_output, run_tir, token_prefix_for_chars
 
 from .conftest import named_params
 from .doubles import ScriptedGenerate
+from .fakes import attach_fake_vllm
 
 
 needs_sandbox = pytest.mark.skipif(not sandbox_status()[0] and not os.environ.get("CI"), reason=sandbox_status()[1])

@@ -6,9 +6,9 @@ from peft import LoraConfig
 
 from alp_trl import ALPConfig
 from alp_trl.perturbation import MODULE_NAME
-from alp_trl.testing_utils import attach_fake_vllm
 
 from .conftest import alp_trainer, named_params
+from .fakes import attach_fake_vllm
 
 
 def _trainer(make_model, tokenizer, prompt_dataset, train_args, peft=False, **kwargs):

@@ -8,7 +8,7 @@ import torch
 from datasets import Dataset
 
 from alp_trl import ALPConfig, ALPGRPOTrainer
-from alp_trl.testing_utils import build_tiny_causal_lm, build_tiny_tokenizer
+from alp_trl.tiny_models import build_tiny_causal_lm, build_tiny_tokenizer
 
 
 def reward(completions, **kwargs):

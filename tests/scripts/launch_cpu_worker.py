@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from alp_trl.testing_utils import emulate_gpu_launch_on_cpu
+from tests.fakes import emulate_gpu_launch_on_cpu
 
 
 BACKEND = emulate_gpu_launch_on_cpu()

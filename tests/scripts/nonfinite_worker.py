@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from alp_trl.testing_utils import emulate_gpu_launch_on_cpu
+from tests.fakes import emulate_gpu_launch_on_cpu
 
 
 emulate_gpu_launch_on_cpu()
@@ -16,10 +16,7 @@ from transformers import TrainerCallback  # noqa: E402
 
 from alp_trl import ALPGRPOTrainer  # noqa: E402
 from alp_trl.train import main  # noqa: E402
-
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from doubles import poison_loss  # noqa: E402
+from tests.doubles import poison_loss  # noqa: E402
 
 
 KIND = os.environ["POISON_KIND"]
