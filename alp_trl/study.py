@@ -243,15 +243,21 @@ def log_ratio_summary(log_ratio: torch.Tensor, mask: torch.Tensor) -> dict:
     }
 
 
+def _unit_batch(context: InterventionContext, experiment: dict, unit: dict):
+    """The cached rollouts of a unit's engine and seed: (cache, batches, temperature, completion mask, rollout logps)."""
+    cached = context.batch(experiment, unit["engine"], unit["seed"])
+    batches = cached["batches"]
+    mask = torch.cat([b[3] for b in batches])
+    rollout = torch.cat([b[4] for b in batches])
+    return cached, batches, cached["temperature"], mask, rollout
+
+
 def run_perturbation_unit(context: InterventionContext, experiment: dict, unit: dict) -> dict:
     from .diagnose import one_update
     from .perturbation import LayerwisePerturbation
 
-    cached = context.batch(experiment, unit["engine"], unit["seed"])
+    cached, batches, temperature, mask, rollout = _unit_batch(context, experiment, unit)
     model = context.model
-    batches, temperature = cached["batches"], cached["temperature"]
-    mask = torch.cat([b[3] for b in batches])
-    rollout = torch.cat([b[4] for b in batches])
     config = unit["config"]
     context.restore()
     perturbation = LayerwisePerturbation.attach(
@@ -290,11 +296,8 @@ def run_bypass_unit(context: InterventionContext, experiment: dict, unit: dict) 
     """Bypass updates at several learning rates: (update size, distance to the rollout after) points."""
     from .diagnose import one_update
 
-    cached = context.batch(experiment, unit["engine"], unit["seed"])
+    cached, batches, temperature, mask, rollout = _unit_batch(context, experiment, unit)
     model = context.model
-    batches, temperature = cached["batches"], cached["temperature"]
-    mask = torch.cat([b[3] for b in batches])
-    rollout = torch.cat([b[4] for b in batches])
     clean = cached["clean"]
     base_lr = experiment.get("update_lr", 1e-5)
     points = []
