@@ -340,8 +340,8 @@ def main(argv=None) -> None:
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
         callbacks=[MetricsJsonlCallback()],
+        recipe_text=recipe_text(argv),
     )
-    trainer.recipe_text = recipe_text(argv)
     if script_args.avg_at_k_steps > 0:
         from .callbacks import AvgAtKCallback
         from .evaluate import load_problems

@@ -117,13 +117,15 @@ class ALPGRPOTrainer(GRPOTrainer):
     log-probs with `use_vllm=True`, otherwise those of the transformers generation, captured while it runs). The ratio
     is token- or sequence-level (`importance_sampling_level`), clamped, PPO-clipped (`epsilon`, `epsilon_high`) and
     dual-clipped on negative advantages (`dual_clip_c`), and aggregated as `loss_type` says. The baselines `"bypass"`,
-    `"token_mis"`, `"seq_mis"`, `"tis"` and `"none"` (plain GRPO) are one config switch away.
+    `"token_mis"`, `"seq_mis"`, `"tis"`, `"seq_tis"`, `"ppo"` and `"none"` (plain GRPO) are one config switch away.
 
     Args:
         model, reward_funcs, train_dataset, eval_dataset, processing_class, ...:
             As for [`~trl.GRPOTrainer`].
         args ([`ALPConfig`], *optional*):
             Configuration; `None` builds a default `ALPConfig`.
+        recipe_text (`str`, *optional*):
+            The training recipe (YAML text), written into the model card; the entry point passes it.
 
     Example:
 
@@ -143,7 +145,9 @@ class ALPGRPOTrainer(GRPOTrainer):
     _tag_names = ["trl", "grpo", "alp"]
     _name = "ALP-GRPO"
 
-    def __init__(self, model, reward_funcs=None, args: ALPConfig | None = None, **kwargs):
+    def __init__(
+        self, model, reward_funcs=None, args: ALPConfig | None = None, recipe_text: str | None = None, **kwargs
+    ):
         if args is None:
             model_name = model if isinstance(model, str) else model.config._name_or_path
             args = ALPConfig(output_dir=f"{str(model_name).split('/')[-1]}-ALP")
@@ -164,6 +168,9 @@ class ALPGRPOTrainer(GRPOTrainer):
         super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
         self._warned_missing_rollout_logps = False
         self._rollout_logps_problem: str | None = None
+        self.recipe_text = recipe_text  # the training recipe, recorded in the model card
+        self._log_sigma_to_save: torch.Tensor | None = None  # DeepSpeed's float32 sigma while `save_model` runs
+        self._last_sigma_per_layer: dict[int, float] | None = None  # the last logged sigma, for the model card
         self.perturbation: LayerwisePerturbation | None = None
         if args.uses_perturbation:
             self.perturbation = LayerwisePerturbation.attach(
@@ -783,7 +790,7 @@ class ALPGRPOTrainer(GRPOTrainer):
         if self.perturbation is None:
             return super()._save(output_dir, state_dict)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        log_sigma = getattr(self, "_log_sigma_to_save", None)
+        log_sigma = self._log_sigma_to_save
         if state_dict is not None:  # gathered by DeepSpeed / FSDP on every rank: take sigma from it
             if log_sigma is None:
                 log_sigma = next((v for k, v in state_dict.items() if k.endswith(f"{MODULE_NAME}.log_sigma")), None)
@@ -825,7 +832,7 @@ class ALPGRPOTrainer(GRPOTrainer):
         ]
         if self.perturbation is not None:
             # the last logged values: reading the parameter here (rank 0 only) could need a collective gather
-            per_layer = getattr(self, "_last_sigma_per_layer", None) or self.perturbation.sigma_per_layer()
+            per_layer = self._last_sigma_per_layer or self.perturbation.sigma_per_layer()
             sigma = ", ".join(f"{k}: {v:.4g}" for k, v in per_layer.items())
             lines += [
                 f"- perturb_layers: `{a.perturb_layers}`, sigma shape `{a.perturb_sigma_shape}`, "
@@ -833,7 +840,7 @@ class ALPGRPOTrainer(GRPOTrainer):
                 f"- sigma per layer: {sigma}",
                 "- sigma is stored in `alp_perturbation.safetensors` beside the weights and is not part of them.",
             ]
-        recipe = getattr(self, "recipe_text", None)
+        recipe = self.recipe_text
         if recipe:
             lines += ["", "## Recipe", "", "```yaml", recipe.rstrip(), "```"]
         with open(path, "a") as f:

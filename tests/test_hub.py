@@ -82,8 +82,8 @@ def test_push_uploads_weights_without_sigma_side_file_and_card(
         prompt_dataset,
         args,
         peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]) if use_lora else None,
+        recipe_text="off_policy_correction: alp\nhub_token: <redacted>\n",
     )
-    trainer.recipe_text = "off_policy_correction: alp\nhub_token: <redacted>\n"
     trainer.train()
     trainer.push_to_hub()
 
