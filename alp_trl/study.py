@@ -446,6 +446,7 @@ def collect(grid: dict, grid_path: str, out_dir: str, units: list[dict]) -> dict
         else:
             records.append({"unit": unit, "status": "not run"})
     results = {"grid": grid, "grid_path": grid_path, "records": records}
+    os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(results, f)
     return results
@@ -474,9 +475,12 @@ def intervention_rows(records: list[dict]) -> list[dict]:
         if unit["type"] != "perturbation":
             continue
         key = (unit["experiment"], engine_id(unit["engine"]), config_id(unit["config"]))
-        row = rows.setdefault(key, {"key": key, "config": unit["config"], "seeds": [], "failed": []})
-        if record.get("status") != "ok":
+        row = rows.setdefault(key, {"key": key, "config": unit["config"], "seeds": [], "failed": [], "pending": []})
+        if record.get("status") == "failed":
             row["failed"].append(unit["seed"])
+        if record.get("status") != "ok":
+            if record.get("status") != "failed":
+                row["pending"].append(unit["seed"])
             continue
         res = record["result"]
         alp = res["alp_update"]
@@ -538,6 +542,7 @@ def write_report(results: dict, path: str, command: str) -> None:
                 return mean_std([s[name] for s in seeds])
 
             label = f"{len(seeds)}" + (f" (failed: {row['failed']})" if row["failed"] else "")
+            label += f" (not run yet: {row['pending']})" if row["pending"] else ""
             lines.append(
                 f"| {row['key'][1]} | {config['perturb_noise_scale']} | {config['perturb_sigma_init']:g} | "
                 f"{config['perturb_layers']} | {label} | {col('engine_kl')} | {col('width_unperturbed')} | "
@@ -581,12 +586,22 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", required=True)
     parser.add_argument("--only", nargs="*", default=None, help="only these experiments of the grid")
     parser.add_argument("--report", default=None, help="write the markdown report here (e.g. docs/evidence.md)")
+    parser.add_argument(
+        "--report-only", action="store_true", help="run nothing: collect the finished units and write the report"
+    )
     args = parser.parse_args(argv)
     try:
         load_grid(args.grid)
     except (OSError, ValueError) as error:
         parser.error(str(error))
-    results = run_study(args.grid, args.out, args.only)
+    if args.report_only:
+        grid = load_grid(args.grid)
+        units = plan_units(grid)
+        if args.only:
+            units = [u for u in units if u["experiment"] in args.only]
+        results = collect(grid, args.grid, args.out, units)
+    else:
+        results = run_study(args.grid, args.out, args.only)
     if args.report:
         command = f"alp-trl study --grid {args.grid} --out {args.out} --report {args.report}"
         write_report(results, args.report, command)

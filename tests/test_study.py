@@ -140,3 +140,12 @@ def test_train_grid_runs_the_entry_point_per_method_and_seed(tmp_path, saved_mod
         summary = record["result"]["summary"]
         assert summary["steps"] == 2 and summary["max_train_rollout_kl"] is not None
     assert "| tr | GRPO | 0 | ok | 2 |" in (tmp_path / "r.md").read_text()
+
+
+def test_report_only_shows_unrun_units_as_pending_not_failed(tmp_path, saved_model_dir):
+    grid = _grid(tmp_path, saved_model_dir)
+    report = tmp_path / "r.md"
+    results = study.main(["--grid", grid, "--out", str(tmp_path / "o"), "--report", str(report), "--report-only"])
+    assert [r["status"] for r in results["records"]] == ["not run"] * 3
+    text = report.read_text()
+    assert "0 done, 0 failed, 3 not run yet" in text and "(not run yet: [0])" in text and "failed: [" not in text
