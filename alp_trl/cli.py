@@ -10,7 +10,7 @@ COMMANDS = {
     ),
     "plot": ("alp_trl.plots", "draw training curves of a run: alp-trl plot OUTPUT_DIR"),
     "diagnose": (
-        "alp_trl.diagnose",
+        "alp_trl.intervention",
         "importance-ratio envelope with/without perturbation: alp-trl diagnose MODEL_DIR",
     ),
     "eval": ("alp_trl.evaluate", "avg@k / pass@k on math benchmarks: alp-trl eval MODEL --benchmarks gsm8k --k 4"),

@@ -2,12 +2,12 @@
 
 import logging
 import math
-import re
 from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
 from .attention_backend import CUDNN_SDPA_SETTINGS
+from .perturbation import LAYER_SPECS, NOISE_SCALES, SIGMA_SHAPES, parse_layer_spec  # noqa: F401 (re-exported)
 
 
 logger = logging.getLogger(__name__)
@@ -18,38 +18,8 @@ ROLLOUT_CORRECTIONS = ("token_mis", "seq_mis", "tis", "seq_tis")
 MIS_REJECTIONS = ("drop", "zero")
 MIS_AGGREGATIONS = ("sum", "mean")
 CODE_TOOLS = ("none", "python")
-LAYER_SPECS = ("all", "early", "middle", "late", "final_hidden", "none")
-# Old name of "final_hidden", still accepted: it perturbs the final hidden state (before the LM head), not the logits.
-_LAYER_SPEC_ALIASES = {"logits": "final_hidden"}
-SIGMA_SHAPES = ("scalar", "channel")
-NOISE_SCALES = ("absolute", "rms")
 SEQUENCE_RATIO_AGGREGATIONS = ("mean", "sum")
 MISMATCH_KINDS = ("none", "bf16", "fp16", "logit_noise", "hidden_noise")
-
-
-def parse_layer_spec(value, field_name: str = "perturb_layers") -> str | list[int]:
-    """Normalise a layer selection: one of `LAYER_SPECS`, or a list of layer indices (list, or "0,3,5" / "[0, 3]")."""
-    allowed = f"one of {list(LAYER_SPECS)} or a list of layer indices such as [0, 5, 11]"
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text in _LAYER_SPEC_ALIASES:
-            logger.warning(
-                "`%s=%r` perturbs the final hidden state (the LM head's input), not the logits: it is now called %r.",
-                field_name,
-                text,
-                _LAYER_SPEC_ALIASES[text],
-            )
-            return _LAYER_SPEC_ALIASES[text]
-        if text in LAYER_SPECS:
-            return text
-        if re.fullmatch(r"\[?\s*-?\d+(\s*,\s*-?\d+)*\s*,?\s*\]?", text):
-            return [int(tok) for tok in re.findall(r"-?\d+", text)]
-        raise ValueError(f"`{field_name}` got {value!r}; expected {allowed}.")
-    if isinstance(value, (list, tuple)):
-        if not value or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            raise ValueError(f"`{field_name}` got {value!r}; expected {allowed} (a non-empty list of integers).")
-        return [int(v) for v in value]
-    raise ValueError(f"`{field_name}` got {value!r} of type {type(value).__name__}; expected {allowed}.")
 
 
 def _check_choice(name: str, value, choices) -> None:

@@ -306,7 +306,7 @@ def main(argv=None) -> dict:
     start = time.time()
     benchmarks = {name: load_problems(name, args.limit) for name in args.benchmarks}
 
-    from .diagnose import load_policy
+    from .models import load_policy
 
     model, tokenizer = (None, None)
     if backend == "transformers":

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import weakref
 from collections.abc import Iterator
@@ -24,8 +25,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import LAYER_SPECS, NOISE_SCALES, SIGMA_SHAPES, parse_layer_spec
-
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +33,37 @@ SIDE_FILE = "alp_perturbation.safetensors"
 SIDE_CONFIG_FILE = "alp_perturbation.json"
 _NON_TEXT_HINTS = ("vision", "visual", "image", "audio", "speech", "encoder.")
 _MASK64 = (1 << 64) - 1
+# The layer selections, sigma shapes and noise scales (here, not in the config: this module needs no TRL).
+LAYER_SPECS = ("all", "early", "middle", "late", "final_hidden", "none")
+# Old name of "final_hidden", still accepted: it perturbs the final hidden state (before the LM head), not the logits.
+_LAYER_SPEC_ALIASES = {"logits": "final_hidden"}
+SIGMA_SHAPES = ("scalar", "channel")
+NOISE_SCALES = ("absolute", "rms")
+
+
+def parse_layer_spec(value, field_name: str = "perturb_layers") -> str | list[int]:
+    """Normalise a layer selection: one of `LAYER_SPECS`, or a list of layer indices (list, or "0,3,5" / "[0, 3]")."""
+    allowed = f"one of {list(LAYER_SPECS)} or a list of layer indices such as [0, 5, 11]"
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in _LAYER_SPEC_ALIASES:
+            logger.warning(
+                "`%s=%r` perturbs the final hidden state (the LM head's input), not the logits: it is now called %r.",
+                field_name,
+                text,
+                _LAYER_SPEC_ALIASES[text],
+            )
+            return _LAYER_SPEC_ALIASES[text]
+        if text in LAYER_SPECS:
+            return text
+        if re.fullmatch(r"\[?\s*-?\d+(\s*,\s*-?\d+)*\s*,?\s*\]?", text):
+            return [int(tok) for tok in re.findall(r"-?\d+", text)]
+        raise ValueError(f"`{field_name}` got {value!r}; expected {allowed}.")
+    if isinstance(value, (list, tuple)):
+        if not value or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise ValueError(f"`{field_name}` got {value!r}; expected {allowed} (a non-empty list of integers).")
+        return [int(v) for v in value]
+    raise ValueError(f"`{field_name}` got {value!r} of type {type(value).__name__}; expected {allowed}.")
 
 
 def _text_config(model: nn.Module):

@@ -147,7 +147,7 @@ class InterventionContext:
 
     def load_model(self):
         if self.model is None:
-            from .diagnose import load_policy
+            from .models import load_policy
 
             self.model, self.tokenizer = load_policy(self.grid["model"])
             self.clean_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
@@ -176,7 +176,7 @@ class InterventionContext:
 
 def sample_intervention_batch(model, tokenizer, data: dict, engine: dict, seed: int) -> dict:
     from .data import build_prompts, load_split
-    from .diagnose import group_advantages, pad_batches, sample_rollouts
+    from .intervention import group_advantages, pad_batches, sample_rollouts
 
     raw = load_split(data.get("dataset", "builtin:arithmetic"), split=data.get("split", "test"))
     raw = raw.select(range(min(data.get("num_prompts", 8), len(raw))))
@@ -218,7 +218,7 @@ def sample_intervention_batch(model, tokenizer, data: dict, engine: dict, seed: 
 
 @torch.no_grad()
 def policy_logps(model, batches, perturbation, temperature: float, key: int = 0) -> torch.Tensor:
-    from .diagnose import completion_logps
+    from .intervention import completion_logps
 
     parts = []
     for step, (prompt_ids, prompt_mask, completion, completion_mask, _) in enumerate(batches):
@@ -253,7 +253,7 @@ def _unit_batch(context: InterventionContext, experiment: dict, unit: dict):
 
 
 def run_perturbation_unit(context: InterventionContext, experiment: dict, unit: dict) -> dict:
-    from .diagnose import one_update
+    from .intervention import one_update
     from .perturbation import LayerwisePerturbation
 
     cached, batches, temperature, mask, rollout = _unit_batch(context, experiment, unit)
@@ -294,7 +294,7 @@ def run_perturbation_unit(context: InterventionContext, experiment: dict, unit: 
 
 def run_bypass_unit(context: InterventionContext, experiment: dict, unit: dict) -> dict:
     """Bypass updates at several learning rates: (update size, distance to the rollout after) points."""
-    from .diagnose import one_update
+    from .intervention import one_update
 
     cached, batches, temperature, mask, rollout = _unit_batch(context, experiment, unit)
     model = context.model

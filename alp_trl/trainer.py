@@ -32,7 +32,6 @@ from .attention_backend import (
     sdpa_backends_without_cudnn,
 )
 from .config import ROLLOUT_CORRECTIONS, ALPConfig
-from .diagnostics import importance_weight_sums, mismatch_statistics, ratio_statistics, weight_diagnostics
 from .nonfinite_guard import NonFiniteStepGuard, is_finite_number
 from .objectives import (
     aggregate_loss,
@@ -49,6 +48,7 @@ from .objectives import (
     vespo_surrogate,
 )
 from .perturbation import MODULE_NAME, LayerwisePerturbation, deepspeed_fp32_master
+from .ratio_statistics import importance_weight_sums, mismatch_statistics, ratio_statistics, weight_diagnostics
 from .rollout_logprobs import RecordingMismatch, capture_generation_logprobs, rollout_logprobs_misalignment
 from .rollout_mismatch import simulated_sampler
 from .tool_rollout import trainer_tir_rollout

@@ -294,3 +294,13 @@ def test_noise_survival_measured_in_the_forward(dtype, magnitude, expected):
     with perturbation.active(0):
         perturbation(hidden, 0)
     assert perturbation.survival_per_layer()[0].item() == pytest.approx(expected, abs=0.05)
+
+
+def test_the_noise_module_needs_no_trl():
+    """`alp_trl.perturbation` (the noise, its layer selection and persistence) imports neither TRL nor transformers."""
+    import subprocess
+    import sys
+
+    code = "import sys, alp_trl.perturbation; print('trl' in sys.modules, 'transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False False"

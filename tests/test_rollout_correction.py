@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from alp_trl import ALPConfig
-from alp_trl.diagnostics import importance_weight_sums, weight_diagnostics
+from alp_trl.ratio_statistics import importance_weight_sums, weight_diagnostics
 
 from .conftest import alp_trainer
 from .fakes import attach_fake_vllm

@@ -25,26 +25,6 @@ from contextlib import nullcontext
 import torch
 
 
-def load_policy(path: str, dtype: torch.dtype = torch.float32):
-    """A model or a PEFT adapter folder (or Hub id / `embedded:` name) and its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .models import resolve_model_path
-
-    path = resolve_model_path(path)
-    if os.path.exists(os.path.join(path, "adapter_config.json")):
-        from peft import AutoPeftModelForCausalLM
-
-        model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=dtype)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model.eval(), tokenizer
-
-
 def attach_checkpoint_perturbation(model, path: str, sigma: float | None, layers: str, noise_scale: str, seed: int):
     """The checkpoint's own perturbation (side file) or one with a fixed `sigma`; returns it and where sigma came from."""
     from .perturbation import SIDE_CONFIG_FILE, LayerwisePerturbation
@@ -255,13 +235,15 @@ def main(argv=None) -> dict:
 
     from .config import MISMATCH_KINDS
     from .data import build_prompts, load_split
-    from .diagnostics import binned_log_ratio_envelope, mismatch_statistics, ratio_statistics
+    from .ratio_statistics import binned_log_ratio_envelope, mismatch_statistics, ratio_statistics
 
     if args.rollout_mismatch not in MISMATCH_KINDS:
         parser.error(f"--rollout-mismatch got {args.rollout_mismatch!r}; allowed values are {list(MISMATCH_KINDS)}.")
     out_dir = args.out or (os.path.join(args.model, "diagnose") if os.path.isdir(args.model) else "diagnose")
     os.makedirs(out_dir, exist_ok=True)
     start = time.time()
+
+    from .models import load_policy
 
     model, tokenizer = load_policy(args.model)
     raw = load_split(args.dataset, split=args.split)

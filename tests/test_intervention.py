@@ -6,9 +6,9 @@ import shutil
 import pytest
 import torch
 
-from alp_trl.diagnose import main as diagnose_main
-from alp_trl.diagnostics import binned_log_ratio_envelope, mismatch_statistics, ratio_statistics
+from alp_trl.intervention import main as diagnose_main
 from alp_trl.perturbation import LayerwisePerturbation
+from alp_trl.ratio_statistics import binned_log_ratio_envelope, mismatch_statistics, ratio_statistics
 from alp_trl.tiny_models import build_tiny_causal_lm
 
 
