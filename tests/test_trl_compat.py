@@ -1,0 +1,107 @@
+"""The private TRL / transformers surface ALPGRPOTrainer overrides or calls, checked against the installed versions: a
+TRL upgrade that changes one of them fails here, naming the method and what changed, instead of misbehaving."""
+
+import inspect
+
+import pytest
+from transformers import Trainer
+from trl import GRPOTrainer
+
+
+# method: the leading parameters (after self) the trainer relies on, in order
+SIGNATURES = {
+    (GRPOTrainer, "_generate"): ["prompts"],
+    (GRPOTrainer, "_generate_single_turn"): [
+        "prompt_ids",
+        "images",
+        "multimodal_fields",
+        "num_generations",
+        "has_tool_images",
+    ],
+    (GRPOTrainer, "_generate_and_score_completions"): ["inputs"],
+    (GRPOTrainer, "_compute_loss"): ["model", "inputs"],
+    (GRPOTrainer, "_get_per_token_logps_and_entropies"): [
+        "model",
+        "input_ids",
+        "attention_mask",
+        "logits_to_keep",
+        "batch_size",
+        "compute_entropy",
+    ],
+    (GRPOTrainer, "_tokenize_prompts"): ["prompts"],
+    (GRPOTrainer, "_prepare_inputs"): ["generation_batch"],
+    (GRPOTrainer, "get_high_entropy_mask"): ["entropies", "mask", "threshold"],
+    (GRPOTrainer, "training_step"): ["model", "inputs", "num_items_in_batch"],
+    (GRPOTrainer, "log"): ["logs", "start_time"],
+    (Trainer, "_save"): ["output_dir", "state_dict"],
+    (Trainer, "_load_from_checkpoint"): ["resume_from_checkpoint", "model"],
+    (Trainer, "_get_grad_norm"): ["model", "grad_norm"],
+}
+
+
+@pytest.mark.parametrize(("owner", "name"), list(SIGNATURES), ids=lambda x: getattr(x, "__name__", x))
+def test_private_method_signatures(owner, name):
+    method = getattr(owner, name, None)
+    assert method is not None, f"{owner.__name__}.{name} no longer exists: alp_trl/trainer.py overrides or calls it"
+    params = [p for p in inspect.signature(method).parameters if p != "self"]
+    expected = SIGNATURES[(owner, name)]
+    assert params[: len(expected)] == expected, (
+        f"{owner.__name__}.{name} now takes {params}, alp_trl expects {expected} first: update alp_trl/trainer.py"
+    )
+
+
+@pytest.mark.parametrize(
+    ("owner", "name", "fragment", "why"),
+    [
+        (
+            GRPOTrainer,
+            "_generate",
+            "return prompt_ids, completion_ids, tool_mask, completions, logprobs, extra_fields, images, tool_images",
+            "ALPGRPOTrainer._generate unpacks this 8-tuple to check the rollout log-probs",
+        ),
+        (
+            GRPOTrainer,
+            "_generate",
+            "output = self.rollout_func(prompts, self)",
+            "code_tool='python' and the rollout_func tests rely on this call",
+        ),
+        (
+            GRPOTrainer,
+            "_generate_and_score_completions",
+            'output["sampling_per_token_logps"] = sampling_per_token_logps',
+            "the rollout denominator is read from this key",
+        ),
+        (
+            GRPOTrainer,
+            "_generate_and_score_completions",
+            "self.args.gradient_accumulation_steps % generate_every != 0",
+            "the old-policy forward is skipped for ALP / Bypass by presenting aligned args (_unused_old_logps_skipped)",
+        ),
+        (
+            GRPOTrainer,
+            "__init__",
+            "self.add_callback(SyncRefModelCallback(",
+            "the reference sync callback is replaced by one without sigma",
+        ),
+        (
+            GRPOTrainer,
+            "__init__",
+            "self._entropy_bonus_enabled",
+            "the entropy bonus reuses TRL's controller state",
+        ),
+    ],
+)
+def test_private_behaviour_the_trainer_relies_on(owner, name, fragment, why):
+    source = inspect.getsource(getattr(owner, name))
+    assert fragment in source, f"{owner.__name__}.{name} no longer contains `{fragment}`: {why}."
+
+
+def test_metric_and_step_state_exist(make_model, tokenizer, prompt_dataset, train_args):
+    from alp_trl import ALPConfig
+
+    from .conftest import alp_trainer
+
+    trainer = alp_trainer(make_model(), tokenizer, prompt_dataset, ALPConfig(**train_args))
+    assert isinstance(trainer._metrics["train"], dict) and trainer._step == 0
+    for attribute in ("entropy_coef", "_last_world_entropy", "_entropy_window_stats", "_tokenizer", "eos_token_ids"):
+        assert hasattr(trainer, attribute), f"GRPOTrainer no longer sets `{attribute}`"
