@@ -52,16 +52,40 @@ def test_engine_logprobs_are_the_denominator_and_sigma_never_syncs(
     assert trainer.perturbation.num_noise_calls == 0
 
 
-def test_nan_engine_logprobs_are_neutralised_and_counted(make_model, tokenizer, prompt_dataset, train_args):
-    trainer = _trainer(make_model, tokenizer, prompt_dataset, train_args)
+@pytest.mark.parametrize(
+    ("correction", "level"), [("alp", "token"), ("alp", "sequence"), ("token_mis", "token"), ("tis", "sequence")]
+)
+def test_nan_engine_logprobs_are_neutralised_and_counted(
+    make_model, tokenizer, prompt_dataset, train_args, correction, level
+):
+    """vLLM's unscorable tokens (NaN) count as ratio 1 against the current (perturbed) policy: the loss equals the loss
+    of the same batch with those slots filled with that policy's own log-probs; their fraction is logged exactly."""
+    trainer = _trainer(
+        make_model,
+        tokenizer,
+        prompt_dataset,
+        train_args,
+        off_policy_correction=correction,
+        importance_sampling_level=level,
+    )
     attach_fake_vllm(trainer, nan_every=3)
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1
     output = trainer._generate_and_score_completions([prompt_dataset[0]] * 4)
-    assert torch.isnan(output["sampling_per_token_logps"]).any()
-    assert trainer._metrics["train"]["alp/rollout_logp_nan_frac"][-1] == pytest.approx(1 / 3, abs=0.1)
+    rollout, mask = output["sampling_per_token_logps"], output["completion_mask"].bool()
+    nan = torch.isnan(rollout) & mask
+    assert nan.any() and not nan[mask].all()
+    assert trainer._metrics["train"]["alp/rollout_logp_nan_frac"][-1] == pytest.approx(
+        nan.sum().item() / mask.sum().item()
+    )
     loss = trainer._compute_loss(trainer.model, output)
     assert torch.isfinite(loss)
+    ids = torch.cat([output["prompt_ids"], output["completion_ids"]], 1)
+    attention = torch.cat([output["prompt_mask"], output["completion_mask"]], 1)
+    with trainer._perturbed("train"), torch.no_grad():  # the same noise key as the loss's forward
+        perturbed = trainer._get_per_token_logps_and_entropies(trainer.model, ids, attention, mask.size(1))[0]
+    filled = dict(output, sampling_per_token_logps=torch.where(torch.isnan(rollout), perturbed, rollout))
+    torch.testing.assert_close(trainer._compute_loss(trainer.model, filled), loss, atol=1e-6, rtol=0)
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in trainer.model.parameters() if p.grad is not None)
 
