@@ -513,3 +513,72 @@ def test_sigma_gradient_matches_a_central_finite_difference(
         numeric = (values[0] - values[1]) / (2 * h)
         assert abs(numeric) > 1e-6, "the probe point has a gradient worth checking"
         assert analytic[slot].item() == pytest.approx(numeric, rel=2e-2, abs=1e-6), slot
+
+
+KNOB_CASES = {
+    # name: (ALPConfig fields, shift of the rollout denominator applied to current log-probs)
+    "dual_clip": ({"dual_clip_c": 1.5}, "down"),
+    "log_ratio_clamp": ({"log_ratio_clamp": 0.5}, "wide"),
+    "sequence_sum": ({"importance_sampling_level": "sequence", "sequence_ratio_aggregation": "sum"}, "small"),
+    "delta": ({"delta": 1.1, "dual_clip_c": None}, "down"),
+    "bias_corrected_kl": ({"beta": 0.1, "use_bias_correction_kl": True}, "small"),
+}
+
+
+@pytest.mark.parametrize("name", list(KNOB_CASES))
+def test_each_objective_knob_fires_with_the_hand_computed_loss(
+    saved_model_dir, tokenizer, prompt_dataset, train_args, name
+):
+    """Dual clip, the log-ratio clamp, summed sequence ratios, delta and the bias-corrected KL, each where it fires, the
+    loss written out by hand (ALP with sigma 0: the ratio is policy / rollout)."""
+    fields, shift_kind = KNOB_CASES[name]
+    fields = {"dual_clip_c": 10.0, **fields}
+    trainer = _alp(
+        saved_model_dir,
+        tokenizer,
+        prompt_dataset,
+        perturb_sigma_init=0.0,
+        perturb_sigma_learnable=False,
+        loss_type="bnpo",
+        **fields,
+        **train_args,
+    )
+    inputs = _fixed_inputs(tokenizer)
+    current = _current_logps(trainer, inputs)
+    mask = inputs["completion_mask"].to(current.dtype)
+    adv = inputs["advantages"].unsqueeze(1)
+    steps = torch.arange(current.numel(), dtype=current.dtype).view_as(current)
+    shift = {
+        "down": torch.full_like(current, -1.0),
+        "wide": 0.8 * torch.sign(torch.sin(steps)),
+        "small": 0.1 * torch.sin(steps),
+    }[shift_kind]
+    rollout = current + shift
+    if name == "bias_corrected_kl":
+        inputs["ref_per_token_logps"] = current - 0.3
+    loss, _ = _loss_and_grads(trainer, {**inputs, "sampling_per_token_logps": rollout})
+
+    log_r = current - rollout
+    if name == "log_ratio_clamp":
+        log_r = log_r.clamp(-0.5, 0.5)
+    if name == "sequence_sum":
+        log_r = (log_r * mask).sum(-1, keepdim=True).expand_as(log_r)
+    r = torch.exp(log_r)
+    unclipped = r.clamp(max=1.1) if name == "delta" else r
+    per_token = torch.maximum(-unclipped * adv, -r.clamp(0.8, 1.2) * adv)
+    if fields["dual_clip_c"] is not None:
+        cap = -fields["dual_clip_c"] * adv
+        fired = (adv < 0) & (per_token > cap)
+        per_token = torch.where(adv < 0, torch.minimum(per_token, cap), per_token)
+    if name == "bias_corrected_kl":
+        d = inputs["ref_per_token_logps"] - current
+        per_token = per_token + 0.1 * (torch.exp(d) - d - 1) * torch.exp(current - rollout)
+    expected = (per_token * mask).sum() / mask.sum()
+    torch.testing.assert_close(loss, expected, atol=1e-6, rtol=0)
+    if name == "dual_clip":
+        fraction = (fired.expand_as(mask) * mask).sum() / mask.sum()
+        assert fraction > 0
+        assert trainer._metrics["train"]["alp/dual_clip_frac"][-1] == pytest.approx(fraction.item())
+    if name == "log_ratio_clamp":
+        assert (current - rollout).abs().max() > 0.5, "the clamp fired"
+        assert trainer._metrics["train"]["alp/log_ratio_abs_max_preclamp"][-1] == pytest.approx(0.8, abs=1e-5)
