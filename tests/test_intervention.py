@@ -1,6 +1,7 @@
 """`alp-trl diagnose` on a tiny checkpoint: envelopes before and after the one-step intervention, files written."""
 
 import json
+import math
 import shutil
 
 import pytest
@@ -75,3 +76,15 @@ def test_diagnose_end_to_end_on_a_checkpoint_with_sigma(tmp_path, saved_model_di
         after["Bypass update (its ratio)"]["kl_k3"] != checkpoint_rows["unperturbed"]["kl_k3"]
     )  # the update moved it
     assert all(report["envelope"]["checkpoint"]["unperturbed"])
+
+
+def test_ratio_statistics_on_known_log_ratios():
+    ratios = torch.arange(1.0, 102.0)  # 1, 2, ..., 101
+    stats = ratio_statistics(ratios.log().unsqueeze(0), torch.ones(1, 101))
+    assert stats["ratio_p50"].item() == pytest.approx(51.0)  # linear interpolation at 0.5 * 100
+    assert stats["ratio_p99"].item() == pytest.approx(100.0)  # at 0.99 * 100 = 99 -> the 100th value
+    assert stats["ratio_max"].item() == pytest.approx(101.0) and stats["ratio_min"].item() == pytest.approx(1.0)
+    assert stats["log_ratio_abs_max"].item() == pytest.approx(math.log(101.0))
+    assert stats["kl_k3"].item() == pytest.approx((ratios - 1 - ratios.log()).mean().item(), rel=1e-5)
+    masked = ratio_statistics(ratios.log().unsqueeze(0), (ratios <= 3).float().unsqueeze(0))
+    assert masked["ratio_max"].item() == pytest.approx(3.0), "masked-out tokens do not count"

@@ -134,8 +134,22 @@ def test_positive_sigma_changes_log_probs_and_gets_gradient(make_model, tokenize
     assert grads[f"{MODULE_NAME}.log_sigma"].abs().sum() > 0
 
 
-def test_noise_never_reaches_generation_reference_or_eval(saved_model_dir, tokenizer, prompt_dataset, train_args):
-    trainer = _alp(saved_model_dir, tokenizer, prompt_dataset, perturb_sigma_init=1.0, beta=0.1, **train_args)
+@pytest.mark.parametrize("lora", [False, True])
+def test_noise_never_reaches_generation_reference_or_eval(
+    saved_model_dir, tokenizer, prompt_dataset, train_args, lora
+):
+    """Also with LoRA, where the reference forward is the same model with the adapter disabled."""
+    peft = {"peft_config": LoraConfig(r=4, target_modules=["q_proj", "v_proj"])} if lora else {}
+    trainer = ALPGRPOTrainer(
+        model=saved_model_dir,
+        reward_funcs=diversity_reward,
+        args=ALPConfig(**train_args, perturb_sigma_init=1.0, beta=0.1),
+        train_dataset=prompt_dataset,
+        processing_class=tokenizer,
+        **peft,
+    )
+    if lora:
+        assert trainer.ref_model is None, "the reference is the shared model with its adapter off"
     trainer.model.train()
     batch = [prompt_dataset[0]] * 4
     output = trainer._generate_and_score_completions(batch)
@@ -582,3 +596,24 @@ def test_each_objective_knob_fires_with_the_hand_computed_loss(
     if name == "log_ratio_clamp":
         assert (current - rollout).abs().max() > 0.5, "the clamp fired"
         assert trainer._metrics["train"]["alp/log_ratio_abs_max_preclamp"][-1] == pytest.approx(0.8, abs=1e-5)
+
+
+def test_gradient_accumulation_keys_the_noise_by_micro_step(make_model, tokenizer, prompt_dataset, train_args):
+    """With 2 micro-steps per optimizer step, every micro-step draws its own noise, keyed by (optimizer step,
+    micro-step in the window): the keys of 2 steps are (0, 0), (0, 1), (1, 0), (1, 1), with different noise each."""
+    trainer = _alp(
+        make_model(), tokenizer, prompt_dataset, perturb_sigma_init=0.1, gradient_accumulation_steps=2, **train_args
+    )
+    seen = {}
+
+    def record(module, args, output):
+        key = module._current_key()
+        if key is not None and key not in seen:
+            seen[key] = (output - args[0]).detach().flatten()[:32].clone()
+
+    handle = trainer.perturbation.register_forward_hook(record)
+    trainer.train()
+    handle.remove()
+    assert sorted(seen) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    noises = list(seen.values())
+    assert all(not torch.equal(a, b) for i, a in enumerate(noises) for b in noises[i + 1 :])
