@@ -28,4 +28,10 @@ def test_embedded_smollm2_converts_once_and_loads(tmp_path, monkeypatch):
     assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 30
     assert 134_000_000 < sum(p.numel() for p in model.parameters()) < 135_000_000
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.chat_template
+    import alp_trl.models
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(alp_trl.models, "_convert_gguf", no_conversion)
     assert resolve_model_path("embedded:smollm2-135m-instruct") == path  # second call: cached, no conversion

@@ -1,6 +1,7 @@
 """Rewards: math-verify grading on hand-made cases, off the main thread, in worker processes, with timeouts."""
 
 import multiprocessing
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +17,6 @@ from alp_trl.rewards import (
     grade,
     make_format_reward,
     make_length_reward,
-    safe_grade,
 )
 
 
@@ -69,10 +69,17 @@ def test_main_thread_timeout_gives_zero_and_counts_a_timeout(monkeypatch):
 
 
 def test_grading_from_threads_uses_a_worker_process():
+    import alp_trl.rewards as rewards
+
     assert threading.current_thread() is threading.main_thread()
     with ThreadPoolExecutor(max_workers=2) as pool:
-        results = list(pool.map(lambda case: safe_grade(case[0], case[1]), CASES[:4]))
+        results = list(pool.map(lambda case: rewards.safe_grade(case[0], case[1]), CASES[:4]))
     assert [score for score, _ in results] == [expected for _, _, expected in CASES[:4]]
+    # graded by the worker process, not by the in-thread fallback (taken only when no worker can start)
+    grader = rewards._PROCESS_GRADER
+    assert grader._executor is not None and not grader._unavailable
+    workers = list(grader._executor._processes.values())
+    assert workers and all(w.pid != os.getpid() and w.is_alive() for w in workers)
     # a plain `grade` with a time limit off the main thread fails inside math-verify (signals): caught, never raised
     with ThreadPoolExecutor(max_workers=1) as pool:
         assert pool.submit(grade, "\\boxed{19}", "19", 5).result() == (0.0, "errors")
