@@ -87,7 +87,15 @@ def _loss_and_grads(trainer, inputs):
 
 @pytest.mark.parametrize("level", ["token", "sequence"])
 @pytest.mark.parametrize(
-    ("loss_type", "beta", "offset"), [("dapo", 0.0, 0.0), ("dapo", 0.0, 0.3), ("grpo", 0.04, 0.3), ("bnpo", 0.0, 0.3)]
+    ("loss_type", "beta", "offset"),
+    [
+        ("dapo", 0.0, 0.0),
+        ("dapo", 0.0, 0.3),
+        ("grpo", 0.04, 0.3),
+        ("bnpo", 0.0, 0.3),
+        ("dr_grpo", 0.0, 0.3),
+        ("luspo", 0.0, 0.3),
+    ],
 )
 def test_zero_sigma_alp_equals_grpo(
     saved_model_dir, tokenizer, prompt_dataset, train_args, level, loss_type, beta, offset
