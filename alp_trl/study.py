@@ -9,6 +9,8 @@ A grid is a YAML file with a `model`, `seeds` and a list of `experiments`, each 
   the noise, and after one ALP update (`update_lr`) the unperturbed policy's distance to the rollout together with
   the size of the update (KL from the policy before to after). One Bypass update per `bypass_lr_multipliers` gives the
   same distances at several update sizes, so that ALP is compared with Bypass at a matched update size.
+(An experiment may set its own `seeds`, replacing the grid's.)
+
 - `train`: the training entry point (`python -m alp_trl.train`) once per method and seed on a `recipe` with
   `overrides`; the run's `metrics.jsonl` is kept and summarised (largest train-rollout KL, fraction of spike steps,
   final and best reward).
@@ -98,7 +100,7 @@ def plan_units(grid: dict) -> list[dict]:
     units = []
     for experiment in grid["experiments"]:
         name = experiment["name"]
-        for seed in grid["seeds"]:
+        for seed in experiment.get("seeds", grid["seeds"]):
             if experiment["kind"] == "intervention":
                 for engine in experiment["engines"]:
                     base = f"{name}__{engine_id(engine)}__seed{seed}"
