@@ -9,16 +9,15 @@ A grid is a YAML file with a `model`, `seeds` and a list of `experiments`, each 
   the noise, and after one ALP update (`update_lr`) the unperturbed policy's distance to the rollout together with
   the size of the update (KL from the policy before to after). One Bypass update per `bypass_lr_multipliers` gives the
   same distances at several update sizes, so that ALP is compared with Bypass at a matched update size.
-(An experiment may set its own `seeds`, replacing the grid's.)
-
 - `train`: the training entry point (`python -m alp_trl.train`) once per method and seed on a `recipe` with
   `overrides`; the run's `metrics.jsonl` is kept and summarised (largest train-rollout KL, fraction of spike steps,
   final and best reward).
 
-Every unit of work (one perturbation config of one engine and seed, one Bypass curve, one training run) writes
+An experiment may set its own `seeds`, replacing the grid's. Every unit of work (one perturbation config of one engine and seed, one Bypass curve, one training run) writes
 `DIR/units/<id>.json` when it is done; a second invocation skips what exists, so an interruption loses at most the
 unit in progress. `DIR/results.json` collects every unit, failed ones included (with their error), and
-`--report PATH` writes the markdown report (tables as mean +- std over seeds, every run listed, plots).
+`--report PATH` writes the markdown report (tables as mean +- std over seeds, every run listed) and its plot
+(`images/evidence_intervention.png` beside the report).
 """
 
 import argparse
@@ -503,6 +502,60 @@ def intervention_rows(records: list[dict]) -> list[dict]:
     return list(rows.values())
 
 
+def plot_intervention(rows: list[dict], path: str) -> bool:
+    """Per engine: the perturbed / unperturbed envelope width ratio vs sigma (all layers, per noise scale), and the KL
+    to the rollout after one ALP update vs Bypass at the matched update size. Returns whether anything was drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    engines = sorted({row["key"][1] for row in rows if row["seeds"]})
+    if not engines:
+        return False
+    fig, axes = plt.subplots(2, len(engines), figsize=(6 * len(engines), 8), squeeze=False, constrained_layout=True)
+    for column, engine in enumerate(engines):
+        for scale, color in (("absolute", "tab:blue"), ("rms", "tab:orange")):
+            points = sorted(
+                (row["config"]["perturb_sigma_init"], row["seeds"])
+                for row in rows
+                if row["key"][1] == engine
+                and row["seeds"]
+                and row["config"]["perturb_layers"] == "all"
+                and row["config"]["perturb_noise_scale"] == scale
+            )
+            if not points:
+                continue
+            sigmas = [p[0] for p in points]
+            for ax, key, style in ((axes[0][column], "width_ratio", "-"), (axes[1][column], "alp_after_kl", "-")):
+                means = [statistics.mean(s[key] for s in seeds) for _, seeds in points]
+                ax.plot(sigmas, means, style, marker="o", color=color, label=f"{scale}: ALP")
+            matched = [
+                [s["bypass_matched_kl"] for s in seeds if s["bypass_matched_kl"] is not None] for _, seeds in points
+            ]
+            xs = [x for x, m in zip(sigmas, matched) if m]
+            if xs:
+                axes[1][column].plot(
+                    xs,
+                    [statistics.mean(m) for m in matched if m],
+                    "--",
+                    marker="x",
+                    color=color,
+                    label=f"{scale}: Bypass, matched update size",
+                )
+        axes[0][column].axhline(1.0, color="k", lw=0.8)
+        axes[0][column].set_title(f"{engine}: envelope width, perturbed / unperturbed")
+        axes[1][column].set_title(f"{engine}: KL to the rollout after one update")
+        for ax in (axes[0][column], axes[1][column]):
+            ax.set_xscale("log")
+            ax.set_xlabel("sigma")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def write_report(results: dict, path: str, command: str) -> None:
     """The markdown report: setup, every intervention row (mean ± std over seeds), every training run."""
     records = results["records"]
@@ -523,9 +576,13 @@ def write_report(results: dict, path: str, command: str) -> None:
     ]
     rows = intervention_rows(records)
     if rows:
+        image_dir = os.path.join(os.path.dirname(os.path.abspath(path)), "images")
+        os.makedirs(image_dir, exist_ok=True)
+        drawn = plot_intervention(rows, os.path.join(image_dir, "evidence_intervention.png"))
         lines += [
             "## One-step intervention",
             "",
+            *(["![intervention](images/evidence_intervention.png)", ""] if drawn else []),
             "Per engine and perturbation (mean ± std over seeds): the width p99 - p1 of the token log-ratio training vs "
             "rollout without noise and with it (ratio < 1: the perturbed envelope is narrower), the perturbed ratio's "
             "KL to the rollout, and after one ALP update the unperturbed policy's KL to the rollout beside Bypass's "

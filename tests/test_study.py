@@ -55,6 +55,8 @@ def test_intervention_grid_runs_resumes_and_reports(tmp_path, saved_model_dir):
     assert [p["lr"] for p in bypass] == [5e-4, 2e-3] and bypass[1]["update_size_kl"] > bypass[0]["update_size_kl"]
     text = report.read_text()
     assert "| logit_noise0.5 | absolute | 0.01 | all | 1 |" in text and "alp-trl study --grid" in text
+    assert (tmp_path / "images" / "evidence_intervention.png").stat().st_size > 10_000
+    assert "![intervention](images/evidence_intervention.png)" in text
     # resumable: a second run does nothing new; a deleted unit is redone alone
     before = {p.name: p.stat().st_mtime for p in (out / "units").iterdir()}
     (out / "units" / "iv__logit_noise0.5__seed0__absolute-s0.5-all.json").unlink()
