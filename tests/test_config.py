@@ -150,3 +150,29 @@ def test_perturbation_only_for_alp(tmp_path):
     assert not make(tmp_path, off_policy_correction="bypass").uses_perturbation
     assert not make(tmp_path, perturb_layers="none").uses_perturbation
     assert not make(tmp_path, off_policy_correction="none").uses_rollout_logps
+
+
+def test_the_simulator_is_refused_with_a_real_engine(tmp_path):
+    with pytest.raises(ValueError, match=r"rollout_mismatch.*use_vllm=True.*mismatch is real"):
+        make(tmp_path, rollout_mismatch="bf16", use_vllm=True)
+
+
+def test_zero_learnable_sigma_warns(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="alp_trl.config"):
+        make(tmp_path, perturb_sigma_init=0.0)
+    assert "perturb_sigma_init=0" in caplog.text and "will stay 0" in caplog.text
+
+
+def test_the_trainer_refuses_a_plain_grpo_config(make_model, tokenizer, prompt_dataset, tmp_path):
+    from trl import GRPOConfig
+
+    from alp_trl import ALPGRPOTrainer
+
+    with pytest.raises(TypeError, match=r"needs an ALPConfig, got GRPOConfig"):
+        ALPGRPOTrainer(
+            model=make_model(),
+            reward_funcs=lambda completions, **k: [0.0] * len(completions),
+            args=GRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none"),
+            train_dataset=prompt_dataset,
+            processing_class=tokenizer,
+        )
