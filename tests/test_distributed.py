@@ -42,11 +42,12 @@ def test_two_process_training_keeps_sigma_in_sync_and_noise_per_rank(tmp_path):
 
 
 LAUNCH_CONFIGS = {
-    # config: (accelerate distributed type, how sigma's parameter is held on each of the 2 ranks)
-    "ddp.yaml": ("MULTI_CPU", "replicated"),  # DDP over gloo: accelerate's multi-CPU type
-    "fsdp.yaml": ("FSDP", "dtensor"),
-    "zero2.yaml": ("DEEPSPEED", "replicated"),
-    "zero3.yaml": ("DEEPSPEED", "zero3"),
+    # config: (accelerate distributed type, how sigma's parameter is held on each of the 2 ranks, the wrapper the real
+    # code put around the model (FSDP2 instead swaps the module's class for an FSDP subclass))
+    "ddp.yaml": ("MULTI_CPU", "replicated", "DistributedDataParallel"),  # DDP over gloo: accelerate's multi-CPU type
+    "fsdp.yaml": ("FSDP", "dtensor", "FSDP"),
+    "zero2.yaml": ("DEEPSPEED", "replicated", "DeepSpeedEngine"),
+    "zero3.yaml": ("DEEPSPEED", "zero3", "DeepSpeedEngine"),
 }
 
 
@@ -85,7 +86,7 @@ def test_two_process_launch_of_each_accelerate_config(tmp_path, _base_models, to
 
     if config.startswith("zero"):
         pytest.importorskip("deepspeed")
-    distributed_type, kind = LAUNCH_CONFIGS[config]
+    distributed_type, kind, wrapper = LAUNCH_CONFIGS[config]
     model_dir = tmp_path / "tiny-qwen2"
     _base_models["qwen2"].save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
@@ -113,6 +114,11 @@ def test_two_process_launch_of_each_accelerate_config(tmp_path, _base_models, to
     out, ranks, steps = _launch_on_cpu(config, recipe, tmp_path)
     assert [r["world_size"] for r in ranks] == [2, 2] and [r["noise_rank"] for r in ranks] == [0, 1]
     assert [r["distributed_type"] for r in ranks] == [distributed_type] * 2
+    # not forced by the harness: the wrapping accelerate / DeepSpeed / FSDP2 really applied
+    if wrapper == "FSDP":
+        assert all(r["model_class"].startswith("FSDP") for r in ranks), [r["model_class"] for r in ranks]
+    else:
+        assert [r["wrapper"] for r in ranks] == [wrapper] * 2
     assert [r["partition"]["kind"] for r in ranks] == [kind] * 2
     local = sorted(r["partition"]["local_numel"] for r in ranks)
     # 3 layers: replicated, or split over the 2 ranks (FSDP2 shards unevenly, ZeRO-3 pads to equal partitions)

@@ -43,6 +43,9 @@ def train_and_record(self, *args, **kwargs):
         "rank": self.accelerator.process_index,
         "world_size": self.accelerator.num_processes,
         "distributed_type": self.accelerator.distributed_type.value,
+        # what the real wrapping code made of the model (the harness only picks the code path)
+        "wrapper": type(self.model_wrapped).__name__,
+        "model_class": type(self.accelerator.unwrap_model(self.model_wrapped)).__name__,
         "noise_rank": perturbation.rank,
         "partition": partition(perturbation.log_sigma),
         "sigma": perturbation.sigma.float().tolist(),  # a collective under FSDP2 / ZeRO-3: every rank reads
