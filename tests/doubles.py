@@ -28,7 +28,7 @@ def poison_loss(loss: torch.Tensor, kind: str | None) -> torch.Tensor:
 class ScriptedGenerate:
     """Stands in for `model.generate`: what each row says is chosen by `script(row, prompt_text)`, and the tokens are
     teacher-forced through the model's own forward pass one step at a time, as `generate` calls it (a prefill call,
-    then one call per new token, that token last in `input_ids`; no cache), so forward hooks see what they see in
+    then one call per new token with the cache, that token being `input_ids`), so forward hooks see what they see in
     `generate`. The returned ids are `generate`'s: prompt, then the completion, padded after EOS."""
 
     def __init__(self, model, tokenizer, script):
@@ -46,12 +46,15 @@ class ScriptedGenerate:
         ]
         pad = self.tokenizer.pad_token_id
         ids, mask = input_ids, attention_mask
-        self.model(input_ids=ids, attention_mask=mask)
+        past = self.model(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values
         for step in range(max(len(t) for t in targets)):
             column = torch.tensor([[t[step] if step < len(t) else pad] for t in targets], device=ids.device)
             ids = torch.cat([ids, column], dim=1)
             mask = torch.cat([mask, torch.ones_like(column)], dim=1)
-            self.model(input_ids=ids, attention_mask=mask)
+            # like `generate` with a cache: only the new token goes in, the last in `input_ids`
+            past = self.model(
+                input_ids=column, attention_mask=mask, past_key_values=past, use_cache=True
+            ).past_key_values
         return ids
 
 
