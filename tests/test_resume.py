@@ -54,11 +54,14 @@ def _run(make_model, tokenizer, prompt_dataset, output_dir, callbacks=(), resume
     return trainer, losses
 
 
-@pytest.mark.parametrize("level", ["token", "sequence"])
-def test_resumed_run_matches_the_uninterrupted_run(tmp_path, make_model, tokenizer, prompt_dataset, level):
-    straight, straight_losses = _run(
-        make_model, tokenizer, prompt_dataset, str(tmp_path / "a"), importance_sampling_level=level
-    )
+@pytest.mark.parametrize(("level", "accumulation"), [("token", 1), ("sequence", 1), ("token", 2)])
+def test_resumed_run_matches_the_uninterrupted_run(
+    tmp_path, make_model, tokenizer, prompt_dataset, level, accumulation
+):
+    """Also with 2 micro-steps per optimizer step: checkpoints fall on window boundaries, and the noise key
+    (optimizer step, micro-step in the window) survives the resume although TRL's micro-step counter restarts."""
+    extra = {"importance_sampling_level": level, "gradient_accumulation_steps": accumulation}
+    straight, straight_losses = _run(make_model, tokenizer, prompt_dataset, str(tmp_path / "a"), **extra)
     interrupted_dir = str(tmp_path / "b")
     _, first_losses = _run(
         make_model,
@@ -66,14 +69,12 @@ def test_resumed_run_matches_the_uninterrupted_run(tmp_path, make_model, tokeniz
         prompt_dataset,
         interrupted_dir,
         callbacks=[StopAfter(2)],
-        importance_sampling_level=level,
+        **extra,
     )
     assert sorted(first_losses) == [1, 2]
     checkpoint = last_checkpoint(interrupted_dir)
     assert checkpoint.endswith("checkpoint-2")
-    resumed, resumed_losses = _run(
-        make_model, tokenizer, prompt_dataset, interrupted_dir, resume=checkpoint, importance_sampling_level=level
-    )
+    resumed, resumed_losses = _run(make_model, tokenizer, prompt_dataset, interrupted_dir, resume=checkpoint, **extra)
     for step in (3, 4):
         assert resumed_losses[step] == pytest.approx(straight_losses[step], rel=1e-5, abs=1e-7), step
     torch.testing.assert_close(resumed.perturbation.sigma, straight.perturbation.sigma, rtol=1e-5, atol=1e-8)
