@@ -89,6 +89,7 @@ def sample_rollouts(
     batches = []
     for start in range(0, len(texts), batch_size):
         enc = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = enc.to(next(model.parameters()).device)  # the rollouts live where the model does (CPU or GPU)
         completions, logprobs = sample_with_logprobs(
             model,
             enc.input_ids,
@@ -109,7 +110,16 @@ def sample_rollouts(
             completion[row, : len(ids)] = torch.tensor(ids)
             completion_mask[row, : len(ids)] = 1
             rollout_logps[row, : len(values)] = torch.tensor(values)
-        batches.append((enc.input_ids, enc.attention_mask, completion, completion_mask, rollout_logps))
+        device = enc.input_ids.device
+        batches.append(
+            (
+                enc.input_ids,
+                enc.attention_mask,
+                completion.to(device),
+                completion_mask.to(device),
+                rollout_logps.to(device),
+            )
+        )
     return batches
 
 
@@ -195,7 +205,8 @@ def one_update(model, perturbation, batches, advantages, lr: float, temperature:
             logps = completion_logps(model, *batch[:4], temperature)
         mask, rollout = batch[3], batch[4]
         log_ratio = importance_log_ratio(logps, rollout, mask, "token", clamp=20.0)
-        loss = clipped_surrogate(log_ratio, adv.unsqueeze(1), 0.2, 0.28, dual_clip_c=10.0).per_token_loss
+        adv = adv.to(logps.device).unsqueeze(1)
+        loss = clipped_surrogate(log_ratio, adv, 0.2, 0.28, dual_clip_c=10.0).per_token_loss
         aggregate_loss(loss, mask, "dapo", num_items=total_tokens).backward()
     optimizer.step()
     model.eval()

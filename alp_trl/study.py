@@ -1,6 +1,7 @@
 """`alp-trl study --grid GRID.yaml --out DIR`: run a declared grid of experiments with several seeds, resumably.
 
-A grid is a YAML file with a `model`, `seeds` and a list of `experiments`, each of a `kind`:
+A grid is a YAML file with a `model` (optionally `dtype`, e.g. `bfloat16`, and `device`, e.g. `cuda`), `seeds` and a
+list of `experiments`, each of a `kind`:
 
 - `intervention` (the paper's Figure 2 question, one step, no training run): for every `engine` (a simulated
   inference engine, `rollout_mismatch` + `rollout_mismatch_std`) and seed, rollouts are sampled once and cached; then,
@@ -150,7 +151,9 @@ class InterventionContext:
         if self.model is None:
             from .models import load_policy
 
-            self.model, self.tokenizer = load_policy(self.grid["model"])
+            dtype = getattr(torch, self.grid.get("dtype", "float32"))
+            self.model, self.tokenizer = load_policy(self.grid["model"], dtype)
+            self.model.to(self.grid.get("device", "cpu"))
             self.clean_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         return self.model, self.tokenizer
 
@@ -162,7 +165,7 @@ class InterventionContext:
         model, tokenizer = self.load_model()
         path = os.path.join(self.out_dir, "cache", f"{key[0]}__{key[1]}__seed{seed}.pt")
         if os.path.exists(path):
-            cached = torch.load(path, weights_only=False)
+            cached = torch.load(path, weights_only=False, map_location=self.grid.get("device", "cpu"))
         else:
             cached = sample_intervention_batch(model, tokenizer, experiment.get("data", {}), engine, seed)
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -231,7 +234,7 @@ def policy_logps(model, batches, perturbation, temperature: float, key: int = 0)
 def log_ratio_summary(log_ratio: torch.Tensor, mask: torch.Tensor) -> dict:
     """The envelope of a token log-ratio over the masked-in tokens: quantiles, its width p99 - p1, |log r| tail, KL."""
     values = log_ratio[mask.bool()].float()
-    q = torch.quantile(values, torch.tensor([0.01, 0.05, 0.5, 0.95, 0.99]))
+    q = torch.quantile(values, torch.tensor([0.01, 0.05, 0.5, 0.95, 0.99], device=values.device))
     return {
         "p01": float(q[0]),
         "p05": float(q[1]),
