@@ -357,7 +357,32 @@ def run_train_unit(grid: dict, experiment: dict, unit: dict, out_dir: str) -> di
     if proc.returncode != 0:
         raise RuntimeError(f"exit {proc.returncode}: {proc.stderr[-2000:]}")
     history = load_history(run_dir)
-    return {"command": " ".join(command[2:]), "summary": summarize_training(history, experiment), "history": history}
+    summary = summarize_training(history, experiment)
+    evaluation = experiment.get("eval")
+    if evaluation:  # held-out accuracy of the trained model, with the evaluation the users run
+        eval_dir = os.path.join(run_dir, "eval")
+        eval_command = [
+            sys.executable,
+            "-m",
+            "alp_trl.evaluate",
+            run_dir,
+            "--out",
+            eval_dir,
+            "--seed",
+            str(unit["seed"]),
+        ]
+        eval_command += ["--benchmarks", *evaluation.get("benchmarks", ["arithmetic"])]
+        for key in ("k", "limit", "max_new_tokens", "temperature"):
+            if key in evaluation:
+                eval_command += [f"--{key.replace('_', '-')}", str(evaluation[key])]
+        proc = subprocess.run(eval_command, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"evaluation failed, exit {proc.returncode}: {proc.stderr[-2000:]}")
+        with open(os.path.join(eval_dir, "eval_results.json")) as f:
+            results = json.load(f)["results"]
+        overall = results.get("overall", next(iter(results.values())))
+        summary["eval_avg_at_k"] = next(v for k, v in overall.items() if k.startswith("avg@"))
+    return {"command": " ".join(command[2:]), "summary": summary, "history": history}
 
 
 def summarize_training(history: list[dict], experiment: dict) -> dict:
@@ -618,8 +643,8 @@ def write_report(results: dict, path: str, command: str) -> None:
             "## Training runs",
             "",
             "| experiment | method | seed | status | steps | max train-rollout KL | max grad norm | spike frac | "
-            "final reward | best reward | seconds |",
-            "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+            "final reward | best reward | held-out avg@k | seconds |",
+            "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for record in train:
             unit, summary = record["unit"], (record.get("result") or {}).get("summary", {})
@@ -631,7 +656,8 @@ def write_report(results: dict, path: str, command: str) -> None:
             lines.append(
                 f"| {unit['experiment']} | {unit['method']} | {unit['seed']} | {record.get('status')} | "
                 f"{cell('steps')} | {cell('max_train_rollout_kl')} | {cell('max_grad_norm')} | {cell('spike_frac')} | "
-                f"{cell('final_reward')} | {cell('best_reward')} | {record.get('seconds', 'n/a')} |"
+                f"{cell('final_reward')} | {cell('best_reward')} | {cell('eval_avg_at_k')} | "
+                f"{record.get('seconds', 'n/a')} |"
             )
         lines.append("")
     if failed:

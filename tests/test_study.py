@@ -129,6 +129,7 @@ def test_train_grid_runs_the_entry_point_per_method_and_seed(tmp_path, saved_mod
                         "name": "tr",
                         "recipe": str(recipe),
                         "overrides": {"max_steps": 2, "rollout_mismatch": "bf16"},
+                        "eval": {"benchmarks": ["arithmetic"], "k": 2, "limit": 2, "max_new_tokens": 4},
                         "methods": {"ALP": {"off_policy_correction": "alp"}, "GRPO": {"off_policy_correction": "ppo"}},
                     }
                 ],
@@ -141,7 +142,9 @@ def test_train_grid_runs_the_entry_point_per_method_and_seed(tmp_path, saved_mod
     for record in records:
         summary = record["result"]["summary"]
         assert summary["steps"] == 2 and summary["max_train_rollout_kl"] is not None
+        assert 0.0 <= summary["eval_avg_at_k"] <= 1.0, "held-out accuracy after training"
     assert "| tr | GRPO | 0 | ok | 2 |" in (tmp_path / "r.md").read_text()
+    assert "held-out avg@k" in (tmp_path / "r.md").read_text()
 
 
 def test_report_only_shows_unrun_units_as_pending_not_failed(tmp_path, saved_model_dir):
