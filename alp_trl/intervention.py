@@ -193,11 +193,13 @@ def plot_envelopes(panels: dict[str, dict[str, list[dict]]], path: str, title: s
 
 def one_update(model, perturbation, batches, advantages, lr: float, temperature: float, perturbed: bool) -> None:
     """One AdamW step on the Bypass (`perturbed=False`) or ALP objective over all rollouts (token-mean, clip 0.2/0.28,
-    dual clip 10), like one training step of `ALPGRPOTrainer` with `loss_type="dapo"`."""
+    dual clip 10), like one training step of `ALPGRPOTrainer` with `loss_type="dapo"`. Starts from zero gradients and
+    leaves none behind, so that successive updates from a restored state are independent."""
     from .objectives import aggregate_loss, clipped_surrogate, importance_log_ratio
 
     params = [p for n, p in model.named_parameters() if "alp_perturbation" not in n]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    model.zero_grad(set_to_none=True)
     model.train()
     total_tokens = sum(int(b[3].sum()) for b in batches)
     for step, (batch, adv) in enumerate(zip(batches, advantages)):
@@ -209,6 +211,7 @@ def one_update(model, perturbation, batches, advantages, lr: float, temperature:
         loss = clipped_surrogate(log_ratio, adv, 0.2, 0.28, dual_clip_c=10.0).per_token_loss
         aggregate_loss(loss, mask, "dapo", num_items=total_tokens).backward()
     optimizer.step()
+    model.zero_grad(set_to_none=True)
     model.eval()
 
 

@@ -88,3 +88,28 @@ def test_ratio_statistics_on_known_log_ratios():
     assert stats["kl_k3"].item() == pytest.approx((ratios - 1 - ratios.log()).mean().item(), rel=1e-5)
     masked = ratio_statistics(ratios.log().unsqueeze(0), (ratios <= 3).float().unsqueeze(0))
     assert masked["ratio_max"].item() == pytest.approx(3.0), "masked-out tokens do not count"
+
+
+def test_successive_updates_from_a_restored_state_are_independent():
+    """Gradients left by one update must not leak into the next (they did: the ALP update of `diagnose` and every
+    update of a study after the first carried the previous updates' gradients)."""
+    from alp_trl.intervention import one_update
+
+    model = build_tiny_causal_lm("qwen2", vocab_size=64, num_layers=2, hidden_size=16)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, 64, (4, 5), generator=g)
+    completion = torch.randint(3, 64, (4, 6), generator=g)
+    batch = (prompt, torch.ones_like(prompt), completion, torch.ones_like(completion), torch.full((4, 6), -4.0))
+    first, second = [torch.tensor([1.0, -1.0, 0.5, -0.5])], [torch.tensor([-0.2, 0.9, -1.0, 0.3])]
+
+    def update(advantages):
+        model.load_state_dict(start)
+        one_update(model, None, [batch], advantages, 1e-2, 1.0, perturbed=False)
+        assert all(p.grad is None for p in model.parameters()), "no gradient left behind"
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    alone = update(second)
+    update(first)
+    after_another = update(second)
+    assert all(torch.equal(alone[k], after_another[k]) for k in alone)
