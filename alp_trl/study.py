@@ -8,7 +8,7 @@ list of `experiments`, each of a `kind`:
   on the same checkpoint and the same rollouts, each `perturbation` (sigma, noise scale, layers; a cartesian
   `product` and/or an explicit `list`) is measured: the token log-ratio envelope training vs rollout without and with
   the noise, and after one ALP update (`update_lr`) the unperturbed policy's distance to the rollout together with
-  the size of the update (KL from the policy before to after). One Bypass update per `bypass_lr_multipliers` gives the
+  the size of the update (KL(before || after), the k3 estimate on the rollout tokens). One Bypass update per `bypass_lr_multipliers` gives the
   same distances at several update sizes, so that ALP is compared with Bypass at a matched update size.
 - `train`: the training entry point (`python -m alp_trl.train`) once per method and seed on a `recipe` with
   `overrides`; the run's `metrics.jsonl` is kept and summarised (largest train-rollout KL, fraction of spike steps,
@@ -286,7 +286,9 @@ def run_perturbation_unit(context: InterventionContext, experiment: dict, unit: 
         after_perturbed = policy_logps(model, batches, perturbation, temperature, key=50_000)
         result["alp_update"] = {
             "lr": lr,
-            "update_size_kl": log_ratio_summary(clean - after, mask)["kl_k3"],
+            # KL(before || after), k3 on the rollout tokens (samples of the rollout ~ the policy before the update)
+            "update_size_kl": log_ratio_summary(after - clean, mask)["kl_k3"],
+            "update_size_reverse_k3": log_ratio_summary(clean - after, mask)["kl_k3"],
             "unperturbed_vs_rollout": log_ratio_summary(after - rollout, mask),
             "perturbed_vs_rollout": log_ratio_summary(after_perturbed - rollout, mask),
         }
@@ -313,7 +315,9 @@ def run_bypass_unit(context: InterventionContext, experiment: dict, unit: dict) 
         points.append(
             {
                 "lr": base_lr * multiplier,
-                "update_size_kl": log_ratio_summary(clean - after, mask)["kl_k3"],
+                # KL(before || after), k3 on the rollout tokens (samples of the rollout ~ the policy before the update)
+            "update_size_kl": log_ratio_summary(after - clean, mask)["kl_k3"],
+            "update_size_reverse_k3": log_ratio_summary(clean - after, mask)["kl_k3"],
                 "vs_rollout": log_ratio_summary(after - rollout, mask),
             }
         )
