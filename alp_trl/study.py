@@ -316,8 +316,8 @@ def run_bypass_unit(context: InterventionContext, experiment: dict, unit: dict) 
             {
                 "lr": base_lr * multiplier,
                 # KL(before || after), k3 on the rollout tokens (samples of the rollout ~ the policy before the update)
-            "update_size_kl": log_ratio_summary(after - clean, mask)["kl_k3"],
-            "update_size_reverse_k3": log_ratio_summary(clean - after, mask)["kl_k3"],
+                "update_size_kl": log_ratio_summary(after - clean, mask)["kl_k3"],
+                "update_size_reverse_k3": log_ratio_summary(clean - after, mask)["kl_k3"],
                 "vs_rollout": log_ratio_summary(after - rollout, mask),
             }
         )
@@ -330,9 +330,14 @@ def run_bypass_unit(context: InterventionContext, experiment: dict, unit: dict) 
 
 
 def matched_bypass(points: list[dict], update_size: float, key: str = "kl_k3") -> float | None:
-    """Bypass's distance to the rollout (`vs_rollout[key]`) at the given update size, interpolated linearly in
-    log(update size) between its measured points; `None` outside their range."""
-    pts = sorted((p["update_size_kl"], p["vs_rollout"][key]) for p in points if p["update_size_kl"] > 0)
+    """Bypass's distance to the rollout (`vs_rollout[key]`) at the given update size, interpolated between its measured
+    points as a power law (linear in log-log: a distance proportional to the update size, as when the engine is close
+    to the policy, is interpolated exactly); `None` outside their range."""
+    pts = sorted(
+        (p["update_size_kl"], p["vs_rollout"][key])
+        for p in points
+        if p["update_size_kl"] > 0 and p["vs_rollout"][key] > 0
+    )
     if update_size <= 0 or not pts or not pts[0][0] <= update_size <= pts[-1][0]:
         return None
     for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
@@ -340,7 +345,7 @@ def matched_bypass(points: list[dict], update_size: float, key: str = "kl_k3") -
             if x1 == x0:
                 return y0
             t = (math.log(update_size) - math.log(x0)) / (math.log(x1) - math.log(x0))
-            return y0 + t * (y1 - y0)
+            return math.exp(math.log(y0) + t * (math.log(y1) - math.log(y0)))
     return pts[0][1]
 
 
@@ -618,8 +623,8 @@ def write_report(results: dict, path: str, command: str) -> None:
             "Per engine and perturbation (mean ± std over seeds): the width p99 - p1 of the token log-ratio training vs "
             "rollout without noise and with it (ratio < 1: the perturbed envelope is narrower), the perturbed ratio's "
             "KL to the rollout, and after one ALP update the unperturbed policy's KL to the rollout beside Bypass's "
-            "at the same update size (KL before -> after; interpolated between Bypass updates at several learning "
-            "rates; n/a when ALP's update size is outside their range).",
+            "at the same update size (KL before -> after; interpolated as a power law between Bypass updates at "
+            "several learning rates; n/a when ALP's update size is outside their range).",
             "",
             "| engine | noise | sigma | layers | seeds | engine KL | width clean | width perturbed | ratio | "
             "KL perturbed | ALP update size | ALP after: KL to rollout | Bypass, matched size |",

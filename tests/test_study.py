@@ -68,12 +68,14 @@ def test_intervention_grid_runs_resumes_and_reports(tmp_path, saved_model_dir):
     assert json.loads((out / "results.json").read_text())["records"][2]["status"] == "ok"
 
 
-def test_matched_bypass_interpolates_in_log_update_size():
+def test_matched_bypass_interpolates_as_a_power_law():
     points = [
         {"update_size_kl": 1e-4, "vs_rollout": {"kl_k3": 0.01}},
         {"update_size_kl": 1e-2, "vs_rollout": {"kl_k3": 0.03}},
     ]
-    assert study.matched_bypass(points, 1e-3) == pytest.approx(0.02)
+    assert study.matched_bypass(points, 1e-3) == pytest.approx(0.01 * 3**0.5)
+    proportional = [{"update_size_kl": x, "vs_rollout": {"kl_k3": 2 * x}} for x in (0.002, 0.01)]
+    assert study.matched_bypass(proportional, 0.0067) == pytest.approx(0.0134), "y = 2x is interpolated exactly"
     assert study.matched_bypass(points, 1e-1) is None and study.matched_bypass(points, 1e-5) is None
 
 
