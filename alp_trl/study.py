@@ -611,6 +611,8 @@ def write_report(results: dict, path: str, command: str) -> None:
         "compute in the finished units.",
         "",
     ]
+    if grid.get("conclusion"):  # written by hand in the grid file, from the tables below, and dated there
+        lines += ["## Conclusion", "", grid["conclusion"].strip(), ""]
     rows = intervention_rows(records)
     if rows:
         image_dir = os.path.join(os.path.dirname(os.path.abspath(path)), "images")
