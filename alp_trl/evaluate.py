@@ -116,6 +116,22 @@ def load_problems(name: str, limit: int | None, spec: Benchmark | None = None) -
     return problems
 
 
+def _sampling_config(tokenizer, temperature: float, max_new_tokens: int, num_return_sequences: int = 1):
+    """The evaluation's `GenerationConfig`: pure temperature sampling (greedy at 0), no top-p / top-k truncation."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        do_sample=temperature > 0,
+        temperature=temperature if temperature > 0 else None,
+        top_p=1.0,
+        top_k=0,
+        max_new_tokens=max_new_tokens,
+        num_return_sequences=num_return_sequences,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+
+
 def generate_transformers(
     model,
     tokenizer,
@@ -130,18 +146,8 @@ def generate_transformers(
     """k sampled completions per prompt with transformers `generate`, batched, with a progress bar."""
     import torch
     from tqdm.auto import tqdm
-    from transformers import GenerationConfig
 
-    config = GenerationConfig(
-        do_sample=temperature > 0,
-        temperature=temperature if temperature > 0 else None,
-        top_p=1.0,
-        top_k=0,
-        max_new_tokens=max_new_tokens,
-        num_return_sequences=k,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    config = _sampling_config(tokenizer, temperature, max_new_tokens, num_return_sequences=k)
     per_batch = max(1, batch_size // k)
     outputs = []
     for start in tqdm(range(0, len(prompts), per_batch), desc="Generating", unit="batch", disable=not progress):
@@ -172,20 +178,11 @@ def generate_tir_transformers(
     with the sandboxed Python tool); `max_new_tokens` bounds model + tool tokens together, as in training."""
     import torch
     from tqdm.auto import tqdm
-    from transformers import GenerationConfig
 
     from .tool_rollout import run_tir
 
     eos = tokenizer.eos_token_id
-    config = GenerationConfig(
-        do_sample=temperature > 0,
-        temperature=temperature if temperature > 0 else None,
-        top_p=1.0,
-        top_k=0,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=eos,
-    )
+    config = _sampling_config(tokenizer, temperature, max_new_tokens)
 
     def generate(inputs, first_turn):
         outputs = []
