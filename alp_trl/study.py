@@ -402,6 +402,7 @@ def summarize_training(history: list[dict], experiment: dict) -> dict:
         return [r[key] for r in history if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
 
     kl, grad, reward = series("alp/train_rollout_kl"), series("grad_norm"), series("reward")
+    entropy = series("entropy")
     if not kl:
         kl = series("rollout_mismatch/kl_k3")
     spike_kl, spike_grad = experiment.get("spike_kl", 0.05), experiment.get("spike_grad_norm", 10.0)
@@ -422,8 +423,68 @@ def summarize_training(history: list[dict], experiment: dict) -> dict:
         "final_reward": reward[-1] if reward else None,
         "best_reward": max(reward) if reward else None,
         "late_reward": sum(tail) / len(tail) if tail else None,
+        "min_entropy": min(entropy) if entropy else None,
+        "final_entropy": entropy[-1] if entropy else None,
         "nonfinite_steps": (steps[-1].get("train/nonfinite_steps") if steps else None),
     }
+
+
+def training_summaries(records: list[dict], experiments: dict) -> dict:
+    """Each training record's summary, recomputed from its stored history with the grid's current spike thresholds
+    (the held-out accuracy is kept from the run); keyed by `id(record)`."""
+    summaries = {}
+    for record in records:
+        result = record.get("result") or {}
+        summary = dict(result.get("summary", {}))
+        experiment = experiments.get(record["unit"]["experiment"])
+        if result.get("history") and experiment is not None:
+            summary.update(summarize_training(result["history"], experiment))
+        summaries[id(record)] = summary
+    return summaries
+
+
+TRAINING_PANELS = (
+    ("reward", "reward"),
+    ("alp/train_rollout_kl", "train-rollout KL (k3)"),
+    ("grad_norm", "grad norm"),
+    ("entropy", "entropy"),
+)
+
+
+def plot_training(records: list[dict], path: str) -> bool:
+    """One panel per measure, one colour per method: every seed as a thin line, the mean over seeds thick."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .plots import _series
+
+    runs = [r for r in records if r.get("status") == "ok" and (r.get("result") or {}).get("history")]
+    if not runs:
+        return False
+    methods = list(dict.fromkeys(r["unit"]["method"] for r in runs))
+    fig, axes = plt.subplots(
+        1, len(TRAINING_PANELS), figsize=(4.5 * len(TRAINING_PANELS), 3.8), constrained_layout=True
+    )
+    colors = plt.get_cmap("tab10")
+    for index, method in enumerate(methods):
+        color = colors(index % 10)
+        histories = [r["result"]["history"] for r in runs if r["unit"]["method"] == method]
+        for ax, (key, title) in zip(axes, TRAINING_PANELS):
+            curves = [dict(zip(*_series(history, key))) for history in histories]
+            for curve in curves:
+                ax.plot(list(curve), list(curve.values()), color=color, lw=0.6, alpha=0.35)
+            steps = sorted(set().union(*curves))
+            means = [statistics.mean(c[step] for c in curves if step in c) for step in steps]
+            ax.plot(steps, means, color=color, lw=2, label=method if ax is axes[0] else None)
+            ax.set_title(title)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 # ------------------------------------------------------------------------------------------------------ driver
@@ -650,15 +711,53 @@ def write_report(results: dict, path: str, command: str) -> None:
         lines.append("")
     train = [r for r in records if r["unit"]["type"] == "train"]
     if train:
+        experiments = {e["name"]: e for e in grid["experiments"]}
+        summaries = training_summaries(train, experiments)
+        image_dir = os.path.join(os.path.dirname(os.path.abspath(path)), "images")
+        os.makedirs(image_dir, exist_ok=True)
+        lines += ["## Training runs", ""]
+        for name, experiment in experiments.items():
+            runs = [r for r in train if r["unit"]["experiment"] == name]
+            if not runs:
+                continue
+            drawn = plot_training(runs, os.path.join(image_dir, f"evidence_{_slug(name)}.png"))
+            lines += [
+                f"### {name}",
+                "",
+                *([f"![{name}](images/evidence_{_slug(name)}.png)", ""] if drawn else []),
+                f"Per method, mean ± std over the seeds that finished. A spike is a step whose train-rollout KL "
+                f"exceeds {experiment.get('spike_kl', 0.05):g} or whose grad norm exceeds "
+                f"{experiment.get('spike_grad_norm', 10.0):g} (or is not finite). Under ALP the train side of the "
+                "train-rollout KL is the perturbed policy. Late reward: the mean over the second half of the steps.",
+                "",
+                "| method | seeds ok | failed | max train-rollout KL | max grad norm | spike frac | final reward | "
+                "late reward | best reward | min entropy | held-out avg@k |",
+                "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            ]
+            for method in experiment["methods"]:
+                ok = [summaries[id(r)] for r in runs if r["unit"]["method"] == method and r.get("status") == "ok"]
+                bad = [
+                    r["unit"]["seed"] for r in runs if r["unit"]["method"] == method and r.get("status") == "failed"
+                ]
+
+                def agg(key, ok=ok):
+                    return mean_std([s.get(key) for s in ok])
+
+                lines.append(
+                    f"| {method} | {len(ok)} | {bad or ''} | {agg('max_train_rollout_kl')} | {agg('max_grad_norm')} | "
+                    f"{agg('spike_frac')} | {agg('final_reward')} | {agg('late_reward')} | {agg('best_reward')} | "
+                    f"{agg('min_entropy')} | {agg('eval_avg_at_k')} |"
+                )
+            lines.append("")
         lines += [
-            "## Training runs",
+            "Every run:",
             "",
             "| experiment | method | seed | status | steps | max train-rollout KL | max grad norm | spike frac | "
             "final reward | best reward | held-out avg@k | seconds |",
             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for record in train:
-            unit, summary = record["unit"], (record.get("result") or {}).get("summary", {})
+            unit, summary = record["unit"], summaries[id(record)]
 
             def cell(key, summary=summary):
                 value = summary.get(key)

@@ -156,3 +156,34 @@ def test_report_only_shows_unrun_units_as_pending_not_failed(tmp_path, saved_mod
     assert [r["status"] for r in results["records"]] == ["not run"] * 3
     text = report.read_text()
     assert "0 done, 0 failed, 3 not run yet" in text and "(not run yet: [0])" in text and "failed: [" not in text
+
+
+def test_training_report_aggregates_seeds_by_method_with_the_grids_spike_threshold(tmp_path):
+    def record(method, seed, kls, rewards, status="ok"):
+        history = [
+            {"step": i + 1, "grad_norm": 1.0, "alp/train_rollout_kl": kl, "reward": r, "entropy": 1.0 - 0.1 * i}
+            for i, (kl, r) in enumerate(zip(kls, rewards))
+        ]
+        unit = {"id": f"st__{method}__seed{seed}", "type": "train", "experiment": "st", "method": method, "seed": seed}
+        if status != "ok":
+            return {"unit": unit, "status": status, "error": "RuntimeError: boom"}
+        # the stored summary used another threshold: the report recomputes it from the history
+        return {"unit": unit, "status": "ok", "result": {"history": history, "summary": {"spike_frac": 9.0}}}
+
+    experiment = {"kind": "train", "name": "st", "spike_kl": 0.5, "methods": {"A": {}, "B": {}}}
+    records = [
+        record("A", 0, [0.1, 0.6], [0.0, 0.5]),  # 1 of 2 steps above 0.5
+        record("A", 1, [0.1, 0.2], [0.2, 0.3]),  # none
+        record("B", 0, [0.9, 0.9], [0.1, 0.1]),
+        record("B", 1, [], [], status="failed"),
+    ]
+    results = {"grid": {"model": "m", "seeds": [0, 1], "experiments": [experiment]}, "grid_path": "g", "records": records}
+    report = tmp_path / "docs" / "evidence.md"
+    report.parent.mkdir()
+    study.write_report(results, str(report), "cmd")
+    text = report.read_text()
+    # A: spike frac (0.5 + 0) / 2 = 0.25 ± 0.35; max KL 0.6 and 0.2 -> 0.4 ± 0.28; final reward 0.5, 0.3 -> 0.4 ± 0.14
+    assert "| A | 2 |  | 0.4 ± 0.28 | 1 ± 0 | 0.25 ± 0.35 | 0.4 ± 0.14 |" in text
+    assert "| B | 1 | [1] | 0.9 | 1 | 1 | 0.1 |" in text, "the failed seed is named, the finished one kept"
+    assert "| st | B | 1 | failed |" in text and "exceeds 0.5" in text
+    assert (tmp_path / "docs" / "images" / "evidence_st.png").stat().st_size > 10_000
