@@ -125,6 +125,16 @@ def plan_units(grid: dict) -> list[dict]:
                             }
                         )
             else:
+                if experiment.get("eval"):  # the untrained model's held-out accuracy, the reference for the runs
+                    units.append(
+                        {
+                            "id": f"{name}__base_model__seed{seed}",
+                            "type": "eval_base",
+                            "experiment": name,
+                            "method": BASE_MODEL,
+                            "seed": seed,
+                        }
+                    )
                 for method in experiment["methods"]:
                     units.append(
                         {
@@ -136,6 +146,9 @@ def plan_units(grid: dict) -> list[dict]:
                         }
                     )
     return units
+
+
+BASE_MODEL = "base model (not trained)"
 
 
 # ------------------------------------------------------------------------------------------- intervention units
@@ -367,31 +380,30 @@ def run_train_unit(grid: dict, experiment: dict, unit: dict, out_dir: str) -> di
         raise RuntimeError(f"exit {proc.returncode}: {proc.stderr[-2000:]}")
     history = load_history(run_dir)
     summary = summarize_training(history, experiment)
-    evaluation = experiment.get("eval")
-    if evaluation:  # held-out accuracy of the trained model, with the evaluation the users run
-        eval_dir = os.path.join(run_dir, "eval")
-        eval_command = [
-            sys.executable,
-            "-m",
-            "alp_trl.evaluate",
-            run_dir,
-            "--out",
-            eval_dir,
-            "--seed",
-            str(unit["seed"]),
-        ]
-        eval_command += ["--benchmarks", *evaluation.get("benchmarks", ["arithmetic"])]
-        for key in ("k", "limit", "max_new_tokens", "temperature"):
-            if key in evaluation:
-                eval_command += [f"--{key.replace('_', '-')}", str(evaluation[key])]
-        proc = subprocess.run(eval_command, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"evaluation failed, exit {proc.returncode}: {proc.stderr[-2000:]}")
-        with open(os.path.join(eval_dir, "eval_results.json")) as f:
-            results = json.load(f)["results"]
-        overall = results.get("overall", next(iter(results.values())))
-        summary["eval_avg_at_k"] = next(v for k, v in overall.items() if k.startswith("avg@"))
+    if experiment.get("eval"):  # held-out accuracy of the trained model, with the evaluation the users run
+        summary["eval_avg_at_k"] = run_eval(run_dir, os.path.join(run_dir, "eval"), unit["seed"], experiment["eval"])
     return {"command": " ".join(command[2:]), "summary": summary, "history": history}
+
+
+def run_eval(model: str, eval_dir: str, seed: int, evaluation: dict) -> float:
+    """`alp-trl eval` of `model` with the experiment's `eval` settings; returns the overall avg@k."""
+    command = [sys.executable, "-m", "alp_trl.evaluate", model, "--out", eval_dir, "--seed", str(seed)]
+    command += ["--benchmarks", *evaluation.get("benchmarks", ["arithmetic"])]
+    for key in ("k", "limit", "max_new_tokens", "temperature"):
+        if key in evaluation:
+            command += [f"--{key.replace('_', '-')}", str(evaluation[key])]
+    proc = subprocess.run(command, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"evaluation failed, exit {proc.returncode}: {proc.stderr[-2000:]}")
+    with open(os.path.join(eval_dir, "eval_results.json")) as f:
+        results = json.load(f)["results"]
+    overall = results.get("overall", next(iter(results.values())))
+    return next(v for k, v in overall.items() if k.startswith("avg@"))
+
+
+def run_base_eval_unit(grid: dict, experiment: dict, unit: dict, out_dir: str) -> dict:
+    eval_dir = os.path.join(out_dir, "train", unit["id"], "eval")
+    return {"summary": {"eval_avg_at_k": run_eval(grid["model"], eval_dir, unit["seed"], experiment["eval"])}}
 
 
 def summarize_training(history: list[dict], experiment: dict) -> dict:
@@ -512,6 +524,8 @@ def run_study(grid_path: str, out_dir: str, only: list[str] | None = None) -> di
                 record["result"] = run_perturbation_unit(context, experiment, unit)
             elif unit["type"] == "bypass_curve":
                 record["result"] = run_bypass_unit(context, experiment, unit)
+            elif unit["type"] == "eval_base":
+                record["result"] = run_base_eval_unit(grid, experiment, unit, out_dir)
             else:
                 record["result"] = run_train_unit(grid, experiment, unit, out_dir)
             record["status"] = "ok"
@@ -709,7 +723,7 @@ def write_report(results: dict, path: str, command: str) -> None:
                 f"{col('alp_update_size')} | {col('alp_after_kl')} | {col('bypass_matched_kl')} |"
             )
         lines.append("")
-    train = [r for r in records if r["unit"]["type"] == "train"]
+    train = [r for r in records if r["unit"]["type"] in ("train", "eval_base")]
     if train:
         experiments = {e["name"]: e for e in grid["experiments"]}
         summaries = training_summaries(train, experiments)
@@ -734,7 +748,8 @@ def write_report(results: dict, path: str, command: str) -> None:
                 "late reward | best reward | min entropy | held-out avg@k |",
                 "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
             ]
-            for method in experiment["methods"]:
+            has_base = any(r["unit"]["type"] == "eval_base" for r in runs)
+            for method in [BASE_MODEL, *experiment["methods"]] if has_base else experiment["methods"]:
                 ok = [summaries[id(r)] for r in runs if r["unit"]["method"] == method and r.get("status") == "ok"]
                 bad = [
                     r["unit"]["seed"] for r in runs if r["unit"]["method"] == method and r.get("status") == "failed"

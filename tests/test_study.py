@@ -140,13 +140,17 @@ def test_train_grid_runs_the_entry_point_per_method_and_seed(tmp_path, saved_mod
     )
     results = study.main(["--grid", str(grid), "--out", str(tmp_path / "out"), "--report", str(tmp_path / "r.md")])
     records = results["records"]
-    assert [r["status"] for r in records] == ["ok", "ok"], [r.get("error") for r in records]
-    for record in records:
+    assert [r["status"] for r in records] == ["ok", "ok", "ok"], [r.get("error") for r in records]
+    base = records[0]
+    assert base["unit"]["type"] == "eval_base", "the untrained model is evaluated first, as the reference"
+    assert 0.0 <= base["result"]["summary"]["eval_avg_at_k"] <= 1.0
+    for record in records[1:]:
         summary = record["result"]["summary"]
         assert summary["steps"] == 2 and summary["max_train_rollout_kl"] is not None
         assert 0.0 <= summary["eval_avg_at_k"] <= 1.0, "held-out accuracy after training"
     assert "| tr | GRPO | 0 | ok | 2 |" in (tmp_path / "r.md").read_text()
-    assert "held-out avg@k" in (tmp_path / "r.md").read_text()
+    text = (tmp_path / "r.md").read_text()
+    assert "held-out avg@k" in text and f"| {study.BASE_MODEL} | 1 |" in text
 
 
 def test_report_only_shows_unrun_units_as_pending_not_failed(tmp_path, saved_model_dir):
@@ -176,8 +180,17 @@ def test_training_report_aggregates_seeds_by_method_with_the_grids_spike_thresho
         record("A", 1, [0.1, 0.2], [0.2, 0.3]),  # none
         record("B", 0, [0.9, 0.9], [0.1, 0.1]),
         record("B", 1, [], [], status="failed"),
+        {
+            "unit": {"id": "b0", "type": "eval_base", "experiment": "st", "method": study.BASE_MODEL, "seed": 0},
+            "status": "ok",
+            "result": {"summary": {"eval_avg_at_k": 0.25}},
+        },
     ]
-    results = {"grid": {"model": "m", "seeds": [0, 1], "experiments": [experiment]}, "grid_path": "g", "records": records}
+    results = {
+        "grid": {"model": "m", "seeds": [0, 1], "experiments": [experiment]},
+        "grid_path": "g",
+        "records": records,
+    }
     report = tmp_path / "docs" / "evidence.md"
     report.parent.mkdir()
     study.write_report(results, str(report), "cmd")
@@ -185,5 +198,6 @@ def test_training_report_aggregates_seeds_by_method_with_the_grids_spike_thresho
     # A: spike frac (0.5 + 0) / 2 = 0.25 ± 0.35; max KL 0.6 and 0.2 -> 0.4 ± 0.28; final reward 0.5, 0.3 -> 0.4 ± 0.14
     assert "| A | 2 |  | 0.4 ± 0.28 | 1 ± 0 | 0.25 ± 0.35 | 0.4 ± 0.14 |" in text
     assert "| B | 1 | [1] | 0.9 | 1 | 1 | 0.1 |" in text, "the failed seed is named, the finished one kept"
+    assert f"| {study.BASE_MODEL} | 1 |  | n/a | n/a | n/a | n/a | n/a | n/a | n/a | 0.25 |" in text
     assert "| st | B | 1 | failed |" in text and "exceeds 0.5" in text
     assert (tmp_path / "docs" / "images" / "evidence_st.png").stat().st_size > 10_000
