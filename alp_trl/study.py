@@ -745,8 +745,8 @@ def write_report(results: dict, path: str, command: str) -> None:
                 "train-rollout KL is the perturbed policy. Late reward: the mean over the second half of the steps.",
                 "",
                 "| method | seeds ok | failed | max train-rollout KL | max grad norm | spike frac | final reward | "
-                "late reward | best reward | min entropy | held-out avg@k |",
-                "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+                "late reward | best reward | min entropy | final entropy | held-out avg@k |",
+                "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
             ]
             has_base = any(r["unit"]["type"] == "eval_base" for r in runs)
             for method in [BASE_MODEL, *experiment["methods"]] if has_base else experiment["methods"]:
@@ -761,7 +761,7 @@ def write_report(results: dict, path: str, command: str) -> None:
                 lines.append(
                     f"| {method} | {len(ok)} | {bad or ''} | {agg('max_train_rollout_kl')} | {agg('max_grad_norm')} | "
                     f"{agg('spike_frac')} | {agg('final_reward')} | {agg('late_reward')} | {agg('best_reward')} | "
-                    f"{agg('min_entropy')} | {agg('eval_avg_at_k')} |"
+                    f"{agg('min_entropy')} | {agg('final_entropy')} | {agg('eval_avg_at_k')} |"
                 )
             lines.append("")
         lines += [

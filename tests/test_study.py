@@ -198,6 +198,6 @@ def test_training_report_aggregates_seeds_by_method_with_the_grids_spike_thresho
     # A: spike frac (0.5 + 0) / 2 = 0.25 ± 0.35; max KL 0.6 and 0.2 -> 0.4 ± 0.28; final reward 0.5, 0.3 -> 0.4 ± 0.14
     assert "| A | 2 |  | 0.4 ± 0.28 | 1 ± 0 | 0.25 ± 0.35 | 0.4 ± 0.14 |" in text
     assert "| B | 1 | [1] | 0.9 | 1 | 1 | 0.1 |" in text, "the failed seed is named, the finished one kept"
-    assert f"| {study.BASE_MODEL} | 1 |  | n/a | n/a | n/a | n/a | n/a | n/a | n/a | 0.25 |" in text
+    assert f"| {study.BASE_MODEL} | 1 |  | n/a | n/a | n/a | n/a | n/a | n/a | n/a | n/a | 0.25 |" in text
     assert "| st | B | 1 | failed |" in text and "exceeds 0.5" in text
     assert (tmp_path / "docs" / "images" / "evidence_st.png").stat().st_size > 10_000
