@@ -742,7 +742,8 @@ def write_report(results: dict, path: str, command: str) -> None:
                 f"Per method, mean ± std over the seeds that finished. A spike is a step whose train-rollout KL "
                 f"exceeds {experiment.get('spike_kl', 0.05):g} or whose grad norm exceeds "
                 f"{experiment.get('spike_grad_norm', 10.0):g} (or is not finite). Under ALP the train side of the "
-                "train-rollout KL is the perturbed policy. Late reward: the mean over the second half of the steps.",
+                "train-rollout KL is the perturbed policy; under Token-/Seq-MIS (rejection by dropping) the KL and the entropy "
+                "are over the tokens the rejection keeps. Late reward: the mean over the second half of the steps.",
                 "",
                 "| method | seeds ok | failed | max train-rollout KL | max grad norm | spike frac | final reward | "
                 "late reward | best reward | min entropy | final entropy | held-out avg@k |",
