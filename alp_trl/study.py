@@ -549,7 +549,8 @@ def machine() -> str:
     return f"{platform.node()} ({cpu}, {os.cpu_count()} cores, {gpu}), torch {torch.__version__}"
 
 
-def collect(grid: dict, grid_path: str, out_dir: str, units: list[dict]) -> dict:
+def load_records(out_dir: str, units: list[dict]) -> list[dict]:
+    """Each unit's stored result, or a `not run` record where it has none yet."""
     records = []
     for unit in units:
         path = os.path.join(out_dir, "units", f"{unit['id']}.json")
@@ -558,7 +559,11 @@ def collect(grid: dict, grid_path: str, out_dir: str, units: list[dict]) -> dict
                 records.append(json.load(f))
         else:
             records.append({"unit": unit, "status": "not run"})
-    results = {"grid": grid, "grid_path": grid_path, "records": records}
+    return records
+
+
+def collect(grid: dict, grid_path: str, out_dir: str, units: list[dict]) -> dict:
+    results = {"grid": grid, "grid_path": grid_path, "records": load_records(out_dir, units)}
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(results, f)

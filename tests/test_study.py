@@ -1,6 +1,7 @@
 """`alp-trl study`: a 2-point intervention grid and a 1-method training grid on the tiny model, 1 seed, resumable."""
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -201,3 +202,18 @@ def test_training_report_aggregates_seeds_by_method_with_the_grids_spike_thresho
     assert f"| {study.BASE_MODEL} | 1 |  | n/a | n/a | n/a | n/a | n/a | n/a | n/a | n/a | 0.25 |" in text
     assert "| st | B | 1 | failed |" in text and "exceeds 0.5" in text
     assert (tmp_path / "docs" / "images" / "evidence_st.png").stat().st_size > 10_000
+
+
+def test_the_committed_evidence_report_is_what_the_committed_units_and_grid_give(tmp_path):
+    """docs/evidence.md is generated, never edited by hand: the committed units and the grid's conclusion give it."""
+    repo = Path(__file__).resolve().parents[1]
+    grid_path = "studies/evidence_cpu.yaml"
+    grid = study.load_grid(str(repo / grid_path))
+    records = study.load_records(str(repo / "docs" / "evidence"), study.plan_units(grid))
+    report = tmp_path / "evidence.md"
+    command = f"alp-trl study --grid {grid_path} --out docs/evidence --report docs/evidence.md"
+    study.write_report({"grid": grid, "grid_path": grid_path, "records": records}, str(report), command)
+    assert report.read_text() == (repo / "docs" / "evidence.md").read_text(), (
+        "regenerate it: alp-trl study --grid studies/evidence_cpu.yaml --out docs/evidence "
+        "--report docs/evidence.md --report-only"
+    )
