@@ -673,6 +673,11 @@ def plot_intervention(rows: list[dict], path: str) -> bool:
     return True
 
 
+def _own_seeds(grid: dict) -> str:
+    own = [f"{e['name']}: {e['seeds']}" for e in grid["experiments"] if "seeds" in e]
+    return f" ({'; '.join(own)})" if own else ""
+
+
 def write_report(results: dict, path: str, command: str) -> None:
     """The markdown report: setup, every intervention row (mean ± std over seeds), every training run."""
     records = results["records"]
@@ -686,7 +691,7 @@ def write_report(results: dict, path: str, command: str) -> None:
         "# Evidence: what ALP does on this repository's models",
         "",
         f"Reproduce: `{command}` (resumable; `make study`). Grid: `{results['grid_path']}`, model "
-        f"`{grid['model']}`, seeds {grid['seeds']}. Machine(s): {'; '.join(machines) or 'n/a'}. "
+        f"`{grid['model']}`, seeds {grid['seeds']}{_own_seeds(grid)}. Machine(s): {'; '.join(machines) or 'n/a'}. "
         f"Units: {len(done)} done, {len(failed)} failed, {len(missing)} not run yet; {seconds / 60:.1f} min of "
         "compute in the finished units.",
         "",
