@@ -698,9 +698,9 @@ def write_report(results: dict, path: str, command: str) -> None:
     ]
     if grid.get("conclusion"):  # written by hand in the grid file, from the tables below, and dated there
         lines += ["## Conclusion", "", grid["conclusion"].strip(), ""]
+    image_dir = os.path.join(os.path.dirname(os.path.abspath(path)), "images")
     rows = intervention_rows(records)
     if rows:
-        image_dir = os.path.join(os.path.dirname(os.path.abspath(path)), "images")
         os.makedirs(image_dir, exist_ok=True)
         drawn = plot_intervention(rows, os.path.join(image_dir, "evidence_intervention.png"))
         lines += [
@@ -737,7 +737,6 @@ def write_report(results: dict, path: str, command: str) -> None:
     if train:
         experiments = {e["name"]: e for e in grid["experiments"]}
         summaries = training_summaries(train, experiments)
-        image_dir = os.path.join(os.path.dirname(os.path.abspath(path)), "images")
         os.makedirs(image_dir, exist_ok=True)
         lines += ["## Training runs", ""]
         for name, experiment in experiments.items():

@@ -152,15 +152,14 @@ def accelerate_launch(
         command += ["--num_processes", str(num_processes), "--main_process_port", "29534"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command + target, capture_output=True, text=True, env=env, timeout=timeout, cwd=cwd)
-    output_dir = _recipe_output_dir(target)
-    if expect_success and result.returncode != 0 and _teardown_abort(result) and output_dir is not None:
+    if expect_success and result.returncode != 0 and _teardown_abort(result) and _recipe_output_dir(target):
         # A worker that finished training and saving can still abort in C++ teardown at interpreter exit (gloo /
         # DeepSpeed threads; rare, seen once under heavy CPU load with ZeRO-3): relaunch once from scratch, say so.
         import shutil
         import warnings
 
         warnings.warn(f"{config}: a worker aborted at exit after training finished; relaunched once", stacklevel=2)
-        shutil.rmtree(output_dir, ignore_errors=True)
+        shutil.rmtree(_recipe_output_dir(target), ignore_errors=True)
         result = subprocess.run(command + target, capture_output=True, text=True, env=env, timeout=timeout, cwd=cwd)
     if expect_success and result.returncode != 0:
         # the workers' own messages (an abort names no Python frame) come before the launcher's summary
