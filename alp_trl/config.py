@@ -20,6 +20,7 @@ MIS_AGGREGATIONS = ("sum", "mean")
 CODE_TOOLS = ("none", "python")
 SEQUENCE_RATIO_AGGREGATIONS = ("mean", "sum")
 MISMATCH_KINDS = ("none", "bf16", "fp16", "logit_noise", "hidden_noise")
+VLLM_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def _check_choice(name: str, value, choices) -> None:
@@ -108,6 +109,20 @@ class ALPConfig(GRPOConfig):
             TRL's own vLLM importance-sampling correction. `None` means: on for `off_policy_correction="none"`, off
             otherwise, because ALP and the baselines replace it. Setting it to `True` together with another correction
             is refused, so that two corrections never stack.
+        vllm_dtype (`str`, *optional*, defaults to `"auto"`):
+            Precision of the colocated vLLM engine (`use_vllm=True`, `vllm_mode="colocate"`): `"auto"` (TRL's
+            engine: vLLM's choice, which runs a float32 checkpoint in bfloat16 or float16), `"float32"`, `"bfloat16"`
+            or `"float16"`. ALP's denominator is this engine's log-prob, so this sets the train-inference mismatch.
+        vllm_enforce_eager (`bool` or `None`, *optional*, defaults to `None`):
+            Run the colocated engine without torch.compile / CUDA graphs. `None`: eager on a CPU (compilation there
+            costs minutes and gains little for small models), vLLM's default on a GPU.
+        sampling_mask_replay (`bool`, *optional*, defaults to `True`):
+            With truncated sampling (`top_p < 1`, `top_k > 0` or `min_p > 0`), compute the trainer's log-probs over
+            the tokens the sampler kept at each position (the same top-k / top-p / min-p rule as vLLM and
+            transformers, on the policy's own temperature-scaled logits, always keeping the sampled token), so the
+            ratio compares the two sampling distributions. vLLM's `processed_logprobs` and the transformers
+            recorder are normalised over the same kept set. `False`: TRL's behaviour (the full distribution in the
+            numerator, a biased ratio on the tokens the truncation changed).
 
         > Multi-turn tool-integrated reasoning (SimpleTIR style)
 
@@ -257,6 +272,26 @@ class ALPConfig(GRPOConfig):
         },
     )
 
+    vllm_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "Precision of the colocated vLLM engine: 'auto' (vLLM's choice, as TRL: a float32 checkpoint runs "
+            "in bfloat16/float16), 'float32', 'bfloat16' or 'float16'.",
+            "choices": list(VLLM_DTYPES),
+        },
+    )
+    vllm_enforce_eager: bool | None = field(
+        default=None,
+        metadata={"help": "Run the colocated vLLM engine eagerly (no torch.compile). None: eager on CPU only."},
+    )
+    sampling_mask_replay: bool = field(
+        default=True,
+        metadata={
+            "help": "With top_p < 1, top_k > 0 or min_p > 0, renormalise the trainer's log-probs over the tokens the "
+            "sampler kept (same rule as vLLM), so the ratio is between the two sampling distributions."
+        },
+    )
+
     code_tool: str = field(
         default="none",
         metadata={
@@ -296,6 +331,7 @@ class ALPConfig(GRPOConfig):
         self._validate_alp_fields()
         super().__post_init__()  # parses `generation_kwargs` given as JSON text
         self._validate_generation_kwargs()
+        self._validate_vllm_fields()
 
     def __getstate__(self):
         # `training_args.bin` (a pickle of these arguments) is saved with every checkpoint and uploaded with the model:
@@ -359,6 +395,17 @@ class ALPConfig(GRPOConfig):
                     f"off_policy_correction={self.off_policy_correction!r} has no rollout probability to divide by. "
                     "Sample instead (remove the key), or use off_policy_correction='none'."
                 )
+
+    def _validate_vllm_fields(self) -> None:
+        """vLLM's fields, and whether vLLM can run here at all: before any model loads."""
+        _check_choice("vllm_dtype", self.vllm_dtype, VLLM_DTYPES)
+        if not self.use_vllm:
+            return
+        from .vllm_engine import vllm_unavailable_reason
+
+        reason = vllm_unavailable_reason()
+        if reason is not None:
+            raise ImportError(f"use_vllm=True: {reason}")
 
     def _validate_rollout_correction_fields(self) -> None:
         _check_choice("mis_rejection", self.mis_rejection, MIS_REJECTIONS)

@@ -52,6 +52,7 @@ from .ratio_statistics import importance_weight_sums, mismatch_statistics, ratio
 from .rollout_logprobs import RecordingMismatch, capture_generation_logprobs, rollout_logprobs_misalignment
 from .rollout_mismatch import simulated_sampler
 from .tool_rollout import trainer_tir_rollout
+from .vllm_engine import build_vllm_generation, uses_own_engine
 
 
 logger = logging.getLogger(__name__)
@@ -93,6 +94,18 @@ def _per_sequence_mean(flags: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def _sequence_flag(flags: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """`(B, 1)`: whether a `(B, T)` flag marks any completion token of each sequence."""
     return (flags.bool() & mask.bool()).any(-1, keepdim=True)
+
+
+@contextmanager
+def _vllm_built_after_init(args: ALPConfig, active: bool):
+    """`GRPOTrainer.__init__` with `use_vllm` off, so that it builds no engine (the trainer builds its own after it);
+    the config is restored as it was, whatever happens."""
+    use_vllm = args.use_vllm
+    args.use_vllm = use_vllm and not active
+    try:
+        yield
+    finally:
+        args.use_vllm = use_vllm
 
 
 class _SyncRefModelWithoutSigma(SyncRefModelCallback):
@@ -165,7 +178,15 @@ class ALPGRPOTrainer(GRPOTrainer):
                         "one or the other (TRL's tools / environments, or code_tool)."
                     )
             kwargs["rollout_func"] = trainer_tir_rollout
-        super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
+        # With engine options (`vllm_dtype`, `vllm_enforce_eager`) or on a CPU, the vLLM backend is built here,
+        # after GRPOTrainer.__init__, rather than by it (alp_trl.vllm_engine); otherwise it is TRL's as TRL builds it.
+        own_engine = uses_own_engine(args)
+        with _vllm_built_after_init(args, own_engine):
+            super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
+        if own_engine:
+            self.use_vllm = True
+            self.vllm_generation = build_vllm_generation(self)
+            self._last_loaded_step = -1
         self._warned_missing_rollout_logps = False
         self._rollout_logps_problem: str | None = None
         self.recipe_text = recipe_text  # the training recipe, recorded in the model card

