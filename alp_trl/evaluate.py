@@ -218,14 +218,48 @@ def generate_tir_transformers(
 
 
 def generate_vllm(
-    model_path: str, prompts: list[str], k: int, temperature: float, max_new_tokens: int, seed: int
+    model_path: str,
+    prompts: list[str],
+    k: int,
+    temperature: float,
+    max_new_tokens: int,
+    seed: int,
+    dtype: str = "auto",
 ) -> list[list[str]]:
-    """k completions per prompt with vLLM (only the model weights are loaded; sigma's side file is ignored)."""
+    """k completions per prompt with vLLM (only the model weights are loaded; sigma's side file is ignored).
+
+    On a CPU (vLLM's CPU build) the engine runs eagerly (no torch.compile) and in this process (no engine-core
+    subprocess), with `VLLM_CPU_KVCACHE_SPACE` GiB of KV cache (2 unless set)."""
+    import torch
+
+    from .vllm_engine import DEFAULT_CPU_KVCACHE_GIB
+
+    options = {}
+    if not torch.cuda.is_available():
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(DEFAULT_CPU_KVCACHE_GIB))
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        options["enforce_eager"] = True
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=model_path, seed=seed)
-    params = SamplingParams(n=k, temperature=temperature, top_p=1.0, max_tokens=max_new_tokens, seed=seed)
-    return [[c.text for c in result.outputs] for result in llm.generate(prompts, params)]
+    llm = LLM(model=model_path, seed=seed, dtype=dtype, **options)
+    params = SamplingParams(n=k, temperature=temperature, top_p=1.0, top_k=0, max_tokens=max_new_tokens, seed=seed)
+    return [[c.text for c in result.outputs] for result in llm.generate(prompts, params, use_tqdm=False)]
+
+
+def merged_model_folder(path: str, out_dir: str) -> str:
+    """A folder vLLM can load: `path` itself, or for a PEFT adapter folder the base model with the adapter merged,
+    written once to `out_dir/merged`."""
+    if not os.path.exists(os.path.join(path, "adapter_config.json")):
+        return path
+    from .models import load_policy
+
+    target = os.path.join(out_dir, "merged")
+    if not os.path.exists(os.path.join(target, "config.json")):
+        model, tokenizer = load_policy(path)
+        model = model.merge_and_unload()
+        model.save_pretrained(target)
+        tokenizer.save_pretrained(target)
+    return target
 
 
 def markdown_table(results: dict, k: int) -> str:
@@ -261,7 +295,19 @@ def main(argv=None) -> dict:
         metavar="RECIPE.yaml",
         help="take prompt_template and system_prompt from the training recipe (evaluate with the prompt it trained on)",
     )
-    parser.add_argument("--backend", default="auto", choices=["auto", "transformers", "vllm"])
+    parser.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "transformers", "vllm"],
+        help="auto: vLLM where it is installed and a GPU is present, else transformers; vllm also runs on a CPU "
+        "with vLLM's CPU build (`make install-vllm`)",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="vLLM engine precision (auto: vLLM's choice, bfloat16/float16 for a float32 checkpoint)",
+    )
     parser.add_argument(
         "--code-tool",
         default="none",
@@ -286,6 +332,12 @@ def main(argv=None) -> dict:
         parser.error(
             "--code-tool python runs with --backend transformers (the multi-turn loop is not wired to vLLM here)"
         )
+    if args.backend == "vllm":
+        from .vllm_engine import vllm_unavailable_reason
+
+        reason = vllm_unavailable_reason()
+        if reason is not None:
+            parser.error(f"--backend vllm: {reason}")
     if args.prompt_from_recipe is not None:
         if not os.path.exists(args.prompt_from_recipe):
             parser.error(f"--prompt-from-recipe: no file {args.prompt_from_recipe!r}")
@@ -326,6 +378,8 @@ def main(argv=None) -> dict:
             messages + [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
         )
 
+    out_dir = args.out or (os.path.join(args.model, "eval") if os.path.isdir(args.model) else "eval")
+    os.makedirs(out_dir, exist_ok=True)
     results, records = {}, []
     for name, problems in benchmarks.items():
         prompts = [render(p["problem"]) for p in problems]
@@ -333,7 +387,13 @@ def main(argv=None) -> dict:
             from .models import resolve_model_path
 
             completions = generate_vllm(
-                resolve_model_path(args.model), prompts, args.k, args.temperature, args.max_new_tokens, args.seed
+                merged_model_folder(resolve_model_path(args.model), out_dir),
+                prompts,
+                args.k,
+                args.temperature,
+                args.max_new_tokens,
+                args.seed,
+                dtype=args.dtype,
             )
         elif args.code_tool == "python":
             completions = generate_tir_transformers(
@@ -367,11 +427,10 @@ def main(argv=None) -> dict:
         results["overall_macro"] = dict(results["overall"])
         results["overall_pooled"] = summarize([r["correct"] for r in records], args.k)
 
-    out_dir = args.out or (os.path.join(args.model, "eval") if os.path.isdir(args.model) else "eval")
-    os.makedirs(out_dir, exist_ok=True)
     report = {
         "model": args.model,
         "backend": backend,
+        "dtype": args.dtype if backend == "vllm" else "float32",
         "k": args.k,
         "temperature": args.temperature,
         "max_new_tokens": args.max_new_tokens,

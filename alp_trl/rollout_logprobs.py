@@ -7,9 +7,10 @@ the token sampled at the previous step (it is the input of the current step). It
 distribution at a time.
 
 The log-probs are `log_softmax(logits / temperature)`, the same processing TRL's trainer applies to its own log-probs.
-Sampling with `top_p < 1`, `top_k > 0`, `min_p` or a repetition penalty draws from a different (truncated or reshaped)
-distribution: the captured log-probs, like TRL's, then refer to the untruncated one, and the importance ratio is
-biased on the tokens the truncation changed.
+Sampling with `top_p < 1`, `top_k > 0` or `min_p` draws from a truncated distribution: with a `truncation`
+(`alp_trl.sampling_replay`) the recorder reports the log-probs of that truncated, renormalised distribution, as vLLM's
+`processed_logprobs` do, and the trainer's numerator is replayed over the same rule. A repetition penalty reshapes the
+distribution in a way neither side replays.
 """
 
 from collections.abc import Iterator
@@ -17,6 +18,8 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+
+from .sampling_replay import SamplingTruncation, kept_tokens, truncated_log_softmax
 
 
 class RecordingMismatch(RuntimeError):
@@ -26,8 +29,9 @@ class RecordingMismatch(RuntimeError):
 class GenerationLogprobRecorder:
     """State of one capture: per-step log-probs of the tokens sampled so far, and the pending distribution."""
 
-    def __init__(self, temperature: float):
+    def __init__(self, temperature: float, truncation: SamplingTruncation | None = None):
         self.temperature = float(temperature)
+        self.truncation = truncation if truncation is not None and truncation.active else None
         self.steps: list[torch.Tensor] = []  # step t -> (B,) log-prob of the token sampled at step t
         self.tokens: list[torch.Tensor] = []  # step t -> (B,) the token sampled at step t (seen as the next input)
         self.pending: torch.Tensor | None = None  # (B, V) log-probs of the distribution sampled at the last step
@@ -49,7 +53,11 @@ class GenerationLogprobRecorder:
                 return
             self.steps.append(self.pending.gather(-1, sampled).squeeze(-1))
             self.tokens.append(sampled.squeeze(-1).cpu())
-        self.pending = torch.log_softmax(logits[:, -1, :].float() / self.temperature, dim=-1)
+        scaled = logits[:, -1, :].float() / self.temperature
+        if self.truncation is None:
+            self.pending = torch.log_softmax(scaled, dim=-1)
+        else:  # the sampler's truncated, renormalised distribution (the sampled token is always inside it)
+            self.pending = truncated_log_softmax(scaled, kept_tokens(scaled, self.truncation))
         self.num_calls += 1
 
     def logprobs_for(self, completion_ids: list[list[int]]) -> list[list[float]]:
@@ -103,14 +111,17 @@ def rollout_logprobs_misalignment(
 
 
 @contextmanager
-def capture_generation_logprobs(model: nn.Module, temperature: float = 1.0) -> Iterator[GenerationLogprobRecorder]:
+def capture_generation_logprobs(
+    model: nn.Module, temperature: float = 1.0, truncation: SamplingTruncation | None = None
+) -> Iterator[GenerationLogprobRecorder]:
     """
     Record the log-probs of the tokens sampled by `model.generate` inside this context.
 
     `model` is the causal LM whose forward `generate` calls at every step (for a PEFT model, its base model). Use
-    `recorder.logprobs_for(completion_ids)` after `generate` returns.
+    `recorder.logprobs_for(completion_ids)` after `generate` returns. With an active `truncation` (the sampler's
+    `top_k` / `top_p` / `min_p`) the log-probs are those of the truncated, renormalised distribution.
     """
-    recorder = GenerationLogprobRecorder(temperature)
+    recorder = GenerationLogprobRecorder(temperature, truncation)
     handle = model.register_forward_hook(recorder.hook, with_kwargs=True)
     try:
         yield recorder

@@ -51,6 +51,7 @@ from .perturbation import MODULE_NAME, LayerwisePerturbation, deepspeed_fp32_mas
 from .ratio_statistics import importance_weight_sums, mismatch_statistics, ratio_statistics, weight_diagnostics
 from .rollout_logprobs import RecordingMismatch, capture_generation_logprobs, rollout_logprobs_misalignment
 from .rollout_mismatch import simulated_sampler
+from .sampling_replay import SamplingTruncation, replayed_logprobs
 from .tool_rollout import trainer_tir_rollout
 from .vllm_engine import build_vllm_generation, uses_own_engine
 
@@ -207,6 +208,11 @@ class ALPGRPOTrainer(GRPOTrainer):
             self.perturbation.track_survival = True  # alp/noise_survival: a few ops on 256 positions per layer
             self._match_sigma_dtype_for_deepspeed()
             self._sync_reference_without_sigma()
+        self._replay = None  # the sampler's truncation the numerator replays (alp_trl.sampling_replay)
+        truncation = SamplingTruncation.of(self.top_k, self.top_p, self.min_p)
+        if args.uses_rollout_logps and args.sampling_mask_replay and truncation.active:
+            self._replay = truncation
+        self._warned_unreplayed_forward = False
         if args.uses_rollout_logps:
             self._warn_on_truncated_sampling()
         self._nonfinite = NonFiniteStepGuard(args.max_consecutive_nonfinite_steps)
@@ -253,20 +259,21 @@ class ALPGRPOTrainer(GRPOTrainer):
     def _warn_on_truncated_sampling(self) -> None:
         args = self.args
         reshaped = []
-        if args.top_p is not None and args.top_p < 1.0:
-            reshaped.append(f"top_p={args.top_p}")
-        if args.top_k is not None and args.top_k > 0:
-            reshaped.append(f"top_k={args.top_k}")
-        if args.min_p is not None:
-            reshaped.append(f"min_p={args.min_p}")
+        if self._replay is None:  # with replay the numerator is the truncated distribution too
+            if args.top_p is not None and args.top_p < 1.0:
+                reshaped.append(f"top_p={args.top_p}")
+            if args.top_k is not None and args.top_k > 0:
+                reshaped.append(f"top_k={args.top_k}")
+            if args.min_p:
+                reshaped.append(f"min_p={args.min_p}")
         if args.repetition_penalty != 1.0:
             reshaped.append(f"repetition_penalty={args.repetition_penalty}")
         if reshaped:
             logger.warning(
                 "off_policy_correction=%r with %s: completions are sampled from a truncated/reshaped distribution, "
                 "but the trainer's log-probs (the numerator) are those of the full temperature-scaled distribution, "
-                "so the importance ratio is biased on the tokens the truncation changed. Use top_p=1, top_k=0 for an "
-                "unbiased ratio.",
+                "so the importance ratio is biased on the tokens the truncation changed. Use top_p=1, top_k=0, or "
+                "sampling_mask_replay=True for top_p / top_k / min_p, for an unbiased ratio.",
                 args.off_policy_correction,
                 ", ".join(reshaped),
             )
@@ -337,7 +344,7 @@ class ALPGRPOTrainer(GRPOTrainer):
         args = self.args
         with (
             simulated_sampler(policy, args.rollout_mismatch, args.rollout_mismatch_std, args.seed, self._step),
-            capture_generation_logprobs(causal_lm, temperature=self.temperature) as recorder,
+            capture_generation_logprobs(causal_lm, temperature=self.temperature, truncation=self._replay) as recorder,
         ):
             completion_ids, _ = super()._generate_single_turn(
                 prompt_ids, images, multimodal_fields, num_generations, has_tool_images=has_tool_images
@@ -445,6 +452,34 @@ class ALPGRPOTrainer(GRPOTrainer):
             " (and the simulated one of rollout_mismatch)" if self.args.rollout_mismatch != "none" else "",
         )
         self._warned_missing_rollout_logps = True
+
+    def _get_per_token_logps_and_entropies(
+        self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False, **kwargs
+    ):
+        """TRL's log-probs, except with sampling-mask replay (`sampling_mask_replay` and a truncated sampler): the
+        policy's log-probs over the tokens its own sampler would keep (`alp_trl.sampling_replay`), from the logits,
+        which TRL's fused LM head never materialises; chunked by `batch_size` as TRL chunks. The reference model,
+        MoE auxiliary losses and multimodal inputs keep TRL's path."""
+        extra = {k: v for k, v in kwargs.items() if v is not None and v is not False}
+        if self._replay is None or model is self.ref_model or extra:
+            if self._replay is not None and extra and not self._warned_unreplayed_forward:
+                logger.warning("sampling_mask_replay is not applied to forwards with %s.", sorted(extra))
+                self._warned_unreplayed_forward = True
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, **kwargs
+            )
+        batch_size = batch_size or input_ids.size(0)
+        logps, entropies = [], []
+        for start in range(0, input_ids.size(0), batch_size):
+            ids, mask = input_ids[start : start + batch_size], attention_mask[start : start + batch_size]
+            with self.accelerator.autocast():
+                logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=logits_to_keep + 1).logits
+            chunk_logps, chunk_entropy = replayed_logprobs(
+                logits[:, :-1], ids[:, -logits_to_keep:], self.temperature, self._replay, compute_entropy
+            )
+            logps.append(chunk_logps)
+            entropies.append(chunk_entropy)
+        return torch.cat(logps), torch.cat(entropies) if compute_entropy else None, None
 
     @torch.no_grad()
     def _clean_policy_logps(self, output) -> torch.Tensor:

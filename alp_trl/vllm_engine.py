@@ -91,9 +91,8 @@ class EngineOptionsVLLMGeneration(VLLMGeneration):
     def _init_vllm(self):
         if self.mode != "colocate" or (not self.engine_options and self.accelerator.device.type != "cpu"):
             return super()._init_vllm()
-        from vllm import LLM
-
         from trl.trainer.utils import ensure_master_addr_port
+        from vllm import LLM
 
         accelerator = self.accelerator
         if self.tensor_parallel_size != 1:

@@ -282,10 +282,17 @@ def test_baselines_train_without_perturbation(make_model, tokenizer, prompt_data
         assert "alp/tis_truncated_frac" in logged
 
 
-def test_warns_when_sampling_is_truncated(make_model, tokenizer, prompt_dataset, train_args, caplog):
+def test_warns_when_sampling_is_truncated_without_replay(make_model, tokenizer, prompt_dataset, train_args, caplog):
     with caplog.at_level("WARNING", logger="alp_trl.trainer"):
-        _alp(make_model(), tokenizer, prompt_dataset, top_p=0.9, top_k=20, **train_args)
+        _alp(make_model(), tokenizer, prompt_dataset, top_p=0.9, top_k=20, sampling_mask_replay=False, **train_args)
     assert "top_p=0.9" in caplog.text and "top_k=20" in caplog.text and "biased" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="alp_trl.trainer"):  # replayed (the default): nothing to warn about
+        _alp(make_model(), tokenizer, prompt_dataset, top_p=0.9, top_k=20, **train_args)
+    assert "biased" not in caplog.text
+    with caplog.at_level("WARNING", logger="alp_trl.trainer"):  # a repetition penalty is never replayed
+        _alp(make_model(), tokenizer, prompt_dataset, repetition_penalty=1.1, **train_args)
+    assert "repetition_penalty=1.1" in caplog.text and "biased" in caplog.text
 
 
 def test_lora_with_gradient_checkpointing_trains_sigma(make_model, tokenizer, prompt_dataset, train_args):
