@@ -1,4 +1,5 @@
-"""`alp-trl` command line: `alp-trl train|plot ...` (each subcommand has its own `--help`)."""
+"""`alp-trl` command line: `alp-trl train|plot|diagnose|eval|compare|vllm-serve|study ...` (each subcommand has its
+own `--help`)."""
 
 import sys
 
@@ -15,6 +16,10 @@ COMMANDS = {
     ),
     "eval": ("alp_trl.evaluate", "avg@k / pass@k on math benchmarks: alp-trl eval MODEL --benchmarks gsm8k --k 4"),
     "compare": ("alp_trl.compare", "ALP vs baselines under one simulated mismatch: alp-trl compare [--max-steps N]"),
+    "vllm-serve": (
+        "alp_trl.vllm_serve",
+        "a vLLM server for vllm_mode=server training (CPU too): alp-trl vllm-serve MODEL [--port 8000]",
+    ),
     "study": ("alp_trl.study", "a resumable grid of experiments and seeds: alp-trl study --grid GRID.yaml --out DIR"),
 }
 

@@ -116,6 +116,10 @@ class ALPConfig(GRPOConfig):
         vllm_enforce_eager (`bool` or `None`, *optional*, defaults to `None`):
             Run the colocated engine without torch.compile / CUDA graphs. `None`: eager on a CPU (compilation there
             costs minutes and gains little for small models), vLLM's default on a GPU.
+        vllm_weight_sync_dir (`str` or `None`, *optional*, defaults to `None`):
+            Server mode (`vllm_mode="server"`) on a trainer without CUDA: the weights of each sync are written there
+            as one safetensors file that the server (`alp-trl vllm-serve`) loads, so it must be visible to both (the
+            same machine or a shared filesystem). `None`: `<output_dir>/.vllm_weight_sync`.
         sampling_mask_replay (`bool`, *optional*, defaults to `True`):
             With truncated sampling (`top_p < 1`, `top_k > 0` or `min_p > 0`), compute the trainer's log-probs over
             the tokens the sampler kept at each position (the same top-k / top-p / min-p rule as vLLM and
@@ -283,6 +287,13 @@ class ALPConfig(GRPOConfig):
     vllm_enforce_eager: bool | None = field(
         default=None,
         metadata={"help": "Run the colocated vLLM engine eagerly (no torch.compile). None: eager on CPU only."},
+    )
+    vllm_weight_sync_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Server mode without CUDA: directory through which weights reach the server (alp-trl vllm-serve); "
+            "shared by trainer and server. None: <output_dir>/.vllm_weight_sync."
+        },
     )
     sampling_mask_replay: bool = field(
         default=True,

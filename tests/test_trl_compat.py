@@ -105,3 +105,31 @@ def test_metric_and_step_state_exist(make_model, tokenizer, prompt_dataset, trai
     assert isinstance(trainer._metrics["train"], dict) and trainer._step == 0
     for attribute in ("entropy_coef", "_last_world_entropy", "_entropy_window_stats", "_tokenizer", "eos_token_ids"):
         assert hasattr(trainer, attribute), f"GRPOTrainer no longer sets `{attribute}`"
+
+
+def test_vllm_backend_construction_matches_trls():
+    """`alp_trl.vllm_engine` builds TRL's `VLLMGeneration` itself (engine options, CPU weight sync): the arguments it
+    passes must be exactly those `VLLMGeneration` takes, the colocated `LLM` arguments it repeats must still be TRL's,
+    and `GRPOTrainer.__init__` must still build its backend only under `use_vllm`, in the attributes the trainer sets."""
+    import ast
+
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    from alp_trl import vllm_engine
+
+    taken = {p for p in inspect.signature(VLLMGeneration.__init__).parameters if p != "self"}
+    call = next(
+        node
+        for node in ast.walk(ast.parse(inspect.getsource(vllm_engine.build_vllm_generation)))
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "EngineOptionsVLLMGeneration"
+    )
+    passed = {keyword.arg for keyword in call.keywords} - {"engine_options", "weight_sync_dir"}
+    assert passed == taken, f"VLLMGeneration now takes {sorted(taken)}; build_vllm_generation passes {sorted(passed)}"
+    colocate = inspect.getsource(VLLMGeneration._init_vllm)
+    for key, value in vllm_engine.TRL_COLOCATE_LLM_ARGS.items():
+        assert f"{key}={value!r}".replace("'", '"') in colocate, f"TRL no longer passes {key}={value!r} to LLM"
+    init = inspect.getsource(GRPOTrainer.__init__)
+    assert "self.use_vllm = args.use_vllm" in init and "self.vllm_generation = VLLMGeneration(" in init
+    assert "self._last_loaded_step = -1" in init
+    for method in ("_iter_named_params", "sync_weights", "generate"):
+        assert hasattr(VLLMGeneration, method), f"VLLMGeneration.{method} is gone: alp_trl/vllm_engine.py uses it"

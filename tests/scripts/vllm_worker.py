@@ -4,7 +4,7 @@ vLLM engine on CPU and writes what the test asserts on to a JSON file.
     python tests/scripts/vllm_worker.py SCENARIO OUT.json
 
 Scenarios: `sync` (fp32 engine, Bypass at a high learning rate), `nosync` (the same with the weight sync switched
-off), `bf16` (bfloat16 engine, fp32 trainer), `lora` (ALP with a LoRA adapter), `token_alp` / `seq_alp`
+off), `server` (as `sync`, against the `alp-trl vllm-serve` server at `$ALP_VLLM_SERVER_URL`, weights synced as files), `bf16` (bfloat16 engine, fp32 trainer), `lora` (ALP with a LoRA adapter), `token_alp` / `seq_alp`
 (ALP at either level), `replay` / `no_replay` (top_p 0.8, sampling-mask replay on / off, no update: learning rate 0).
 
 Recorded per optimizer step: the logged metrics; per generation: the log-probs the engine returned (read from vLLM's
@@ -17,7 +17,7 @@ import os
 import sys
 
 
-SCENARIOS = ("sync", "nosync", "bf16", "lora", "token_alp", "seq_alp", "replay", "no_replay")
+SCENARIOS = ("sync", "nosync", "bf16", "lora", "token_alp", "seq_alp", "replay", "no_replay", "server")
 
 
 def config_for(scenario: str, output_dir: str):
@@ -53,6 +53,10 @@ def config_for(scenario: str, output_dir: str):
             fields.update(importance_sampling_level="sequence", epsilon=0.5, epsilon_high=4.0)
         if scenario == "lora":
             fields.update(learning_rate=5e-3)
+    elif scenario == "server":
+        fields.update(
+            vllm_mode="server", vllm_server_base_url=os.environ["ALP_VLLM_SERVER_URL"], vllm_server_timeout=60
+        )
     elif scenario in ("replay", "no_replay"):
         fields.update(
             top_p=0.8,
@@ -95,11 +99,14 @@ def run(scenario: str, out_path: str) -> None:
     )
     record = {"engine_logprobs": [], "denominators": [], "syncs": 0}
     generation = trainer.vllm_generation
-    llm = generation.llm
-    real_generate, real_sync = llm.generate, generation.sync_weights
+    engine = generation.vllm_client if scenario == "server" else generation.llm
+    real_generate, real_sync = engine.generate, generation.sync_weights
 
     def recording_generate(*a, **kw):
         outputs = real_generate(*a, **kw)
+        if scenario == "server":  # the server's response, as TRL's client parsed it
+            record["engine_logprobs"] += [[token[0] for token in seq] for seq in outputs["logprobs"]]
+            return outputs
         for request in outputs:
             for completion in request.outputs:
                 record["engine_logprobs"].append([next(iter(lp.values())).logprob for lp in completion.logprobs])
@@ -110,7 +117,7 @@ def run(scenario: str, out_path: str) -> None:
         if scenario != "nosync":
             real_sync()
 
-    llm.generate = recording_generate  # the real engine's outputs, recorded on their way to TRL
+    engine.generate = recording_generate  # the real engine's outputs, recorded on their way to TRL
     generation.sync_weights = counting_sync
     real_score = trainer._generate_and_score_completions
 
@@ -125,14 +132,19 @@ def run(scenario: str, out_path: str) -> None:
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
     after = dict(trainer.model.named_parameters())
-    changed = [n for n in before if not torch.equal(before[n], after[n].detach())]
-    engine_model = llm.llm_engine.model_executor.driver_worker.model_runner.get_model()
+    change = {n: (after[n].detach() - before[n]).abs().max().item() for n in before}
+    changed = [n for n, value in change.items() if value > 0]
+    names = []
+    if scenario != "server":  # a server's model lives in its own process
+        engine_model = engine.llm_engine.model_executor.driver_worker.model_runner.get_model()
+        names = [n for n, _ in engine_model.named_parameters()]
     record.update(
         log_history=trainer.state.log_history,
         changed=changed,
+        max_change=change,
         num_policy_weights=sum(MODULE_NAME not in n for n in before),
         sigma_changed=any(MODULE_NAME in n for n in changed),
-        engine_parameter_names=[n for n, _ in engine_model.named_parameters()],
+        engine_parameter_names=names,
     )
     with open(out_path, "w") as f:
         json.dump(record, f)
