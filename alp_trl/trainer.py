@@ -53,7 +53,13 @@ from .rollout_logprobs import RecordingMismatch, capture_generation_logprobs, ro
 from .rollout_mismatch import simulated_sampler
 from .sampling_replay import SamplingTruncation, replayed_logprobs
 from .tool_rollout import trainer_tir_rollout
-from .vllm_engine import build_vllm_generation, uses_own_engine
+from .vllm_engine import (
+    EngineFailure,
+    build_vllm_generation,
+    engine_failure_message,
+    is_engine_failure,
+    uses_own_engine,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -288,13 +294,16 @@ class ALPGRPOTrainer(GRPOTrainer):
         log-probs line up with the completions TRL assembled; if they do not, they are dropped, and
         `_generate_and_score_completions` recomputes them with one noise-free forward pass (with a warning)."""
         self._rollout_logps_problem = None
-        if self.use_vllm and self.perturbation is not None:
-            # TRL pushes `model.named_parameters()` to vLLM before generating: sigma must never be part of that sync
-            # (vLLM has no such weight), so the perturbation submodule is out of the model while it runs.
-            with self.perturbation.unregistered():
+        # TRL pushes `model.named_parameters()` to vLLM before generating: sigma must never be part of that sync
+        # (vLLM has no such weight), so the perturbation submodule is out of the model while it runs.
+        unregistered = self.perturbation.unregistered() if self.use_vllm and self.perturbation is not None else None
+        try:
+            with unregistered or nullcontext():
                 result = super()._generate(prompts)
-        else:
-            result = super()._generate(prompts)
+        except Exception as error:
+            if self.use_vllm and is_engine_failure(error):
+                raise EngineFailure(engine_failure_message(error, self.args)) from error
+            raise
         if not self._records_rollout_logps:
             return result
         prompt_ids, completion_ids, tool_mask, completions, logprobs, extra_fields, images, tool_images = result

@@ -40,6 +40,44 @@ TRL_COLOCATE_LLM_ARGS = {
 }
 
 
+class EngineFailure(RuntimeError):
+    """The vLLM engine (colocated or a server) died or stopped answering during training."""
+
+
+def is_engine_failure(error: BaseException) -> bool:
+    """Whether `error` says the engine is gone (vLLM's dead-engine errors, or a server that cannot be reached),
+    as opposed to a bug in the request."""
+    import requests
+
+    names = {type(e).__name__ for e in (error, error.__cause__, error.__context__) if e is not None}
+    if names & {"EngineDeadError", "EngineGenerateError"}:
+        return True
+    if isinstance(error, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError)):
+        return True
+    # TRL's client turns a failed HTTP status into a bare Exception("Request failed: <status>, ...")
+    return type(error) is Exception and str(error).startswith("Request failed: 5")
+
+
+def engine_failure_message(error: BaseException, args) -> str:
+    """Why training stopped, and where it can resume from."""
+    checkpoints = []
+    if os.path.isdir(args.output_dir):
+        checkpoints = sorted(
+            (d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-") and d[11:].isdigit()),
+            key=lambda d: int(d[11:]),
+        )
+    where = (
+        f"the last checkpoint is {os.path.join(args.output_dir, checkpoints[-1])}: resume with "
+        "--resume_from_checkpoint true once the engine is back"
+        if checkpoints
+        else f"no checkpoint was saved yet in {args.output_dir} (save_steps)"
+    )
+    engine = f"the vLLM server ({args.vllm_server_base_url or f'{args.vllm_server_host}:{args.vllm_server_port}'})"
+    if args.vllm_mode == "colocate":
+        engine = "the colocated vLLM engine"
+    return f"Training stopped: {engine} failed during generation ({type(error).__name__}: {error}); {where}."
+
+
 def vllm_install_hint() -> str:
     """How to install vLLM next to this package on this machine."""
     if torch.cuda.is_available():

@@ -106,3 +106,32 @@ def test_training_with_the_engine_updates_weights_sigma_and_the_engine(
     assert any(not torch.equal(engine_before[n], p) for n, p in engine.engine_model.named_parameters())
     assert not any(MODULE_NAME in name for name in engine.loaded_names)
     assert "alp/ratio/p99" in trainer.state.log_history[0]
+
+
+def test_engine_that_dies_mid_run_stops_training_with_the_reason(make_model, tokenizer, prompt_dataset, train_args):
+    """The engine stops answering at the second generation (a server gone: a connection error): training stops with
+    an `EngineFailure` that names the engine and the last checkpoint, which is complete and intact."""
+    import os
+
+    import requests
+
+    from alp_trl.vllm_engine import EngineFailure
+
+    args = {**train_args, "max_steps": 3, "save_strategy": "steps", "save_steps": 1}
+    trainer = _trainer(make_model, tokenizer, prompt_dataset, args, vllm_mode="server")
+    engine = attach_fake_vllm(trainer)
+    calls = {"n": 0}
+    real_generate = trainer.vllm_generation.generate
+
+    def dying_generate(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise requests.exceptions.ConnectionError("Connection refused")
+        return real_generate(*a, **kw)
+
+    trainer.vllm_generation.generate = dying_generate
+    with pytest.raises(EngineFailure, match=r"vLLM server.*ConnectionError: Connection refused.*checkpoint-1"):
+        trainer.train()
+    checkpoint = os.path.join(args["output_dir"], "checkpoint-1")
+    assert {"model.safetensors", "alp_perturbation.safetensors", "trainer_state.json"} <= set(os.listdir(checkpoint))
+    assert engine.loaded_names  # the first generation ran against the engine
