@@ -169,3 +169,40 @@ def accelerate_launch(
             f"{workers[-7000:]}\n--- launcher ---\n{result.stderr[launcher:][-1500:]}\n--- stdout ---\n{result.stdout[-1500:]}"
         )
     return result
+
+
+def launch_machines(config: str, target: list[str], cwd, machines: int = 2, timeout: int = 900, port: int = 29561):
+    """`accelerate launch --config_file accelerate_configs/<config> --num_machines M --num_processes M --machine_rank r
+    --main_process_ip 127.0.0.1 <target...>` for r in 0..M-1 at once: M "machines" of one process each on this host
+    (the target runs `tests.fakes.emulate_gpu_launch_on_cpu` for a GPU config). Asserts every launcher succeeded
+    (showing the failed one's output) and returns their completed processes."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    launchers = []
+    for rank in range(machines):
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+        command += [str(repo / "accelerate_configs" / config), "--num_machines", str(machines)]
+        command += ["--num_processes", str(machines)]
+        command += ["--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port)]
+        launchers.append(
+            subprocess.Popen(
+                command + target, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd
+            )
+        )
+    results = []
+    try:
+        for launcher in launchers:
+            stdout, stderr = launcher.communicate(timeout=timeout)
+            results.append(subprocess.CompletedProcess(launcher.args, launcher.returncode, stdout, stderr))
+    finally:
+        for launcher in launchers:
+            if launcher.poll() is None:
+                launcher.kill()
+    for rank, result in enumerate(results):
+        if result.returncode != 0:
+            pytest.fail(f"machine {rank} failed:\n{result.stderr[-6000:]}\n--- stdout ---\n{result.stdout[-1500:]}")
+    return results

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .conftest import accelerate_launch, tiny_recipe
+from .conftest import accelerate_launch, launch_machines, tiny_recipe
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -197,3 +197,31 @@ def test_two_process_launch_skips_a_nonfinite_step_on_both_ranks(tmp_path, _base
     assert sums[2] != sums[1] and sums[3] != sums[2] and all(math.isfinite(s) for s in sums), "steps 3-4 trained"
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["train/nonfinite_steps"] for r in records if "grad_norm" in r] == [0.0, 1.0, 1.0, 1.0]
+
+
+@pytest.mark.slow
+def test_two_machines_one_process_each(tmp_path, _base_models, tokenizer):
+    """The multi-node launch of a GPU cluster (accelerate_configs/ddp.yaml with --num_machines 2, as slurm/train.slurm
+    runs it) as two launchers on this host, machine ranks 0 and 1, one process each (DDP over gloo): one data-parallel
+    run of world size 2 that trains ALP and saves once."""
+    import yaml
+
+    model_dir = tmp_path / "model"
+    _base_models["qwen2"].save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "out"
+    recipe = tiny_recipe(model_dir, out, max_steps=2, save_strategy="steps", save_steps=2, perturb_sigma_init=0.05)
+    recipe.update(dataset_name="builtin:arithmetic", perturb_lr=0.05, use_cpu=True)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    launch_machines(
+        "ddp.yaml",
+        [str(REPO / "tests" / "scripts" / "launch_cpu_worker.py"), "--config", str(path)],
+        tmp_path,
+    )
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2] and [r["distributed_type"] for r in ranks] == ["MULTI_CPU"] * 2
+    assert ranks[0]["sigma"] == ranks[1]["sigma"] != [0.05] * len(ranks[0]["sigma"]), "sigma trained, in sync"
+    assert ranks[0]["noise_rank"] != ranks[1]["noise_rank"]
+    assert {"model.safetensors", "alp_perturbation.safetensors"} <= {p.name for p in out.iterdir()}
+    assert (out / "checkpoint-2" / "alp_perturbation.safetensors").exists()
