@@ -208,3 +208,46 @@ def test_server_mode_generates_and_syncs_weights_on_cpu(scenario):
         assert returned == pytest.approx(used, abs=1e-6, rel=0)
     kl = [step["rollout_mismatch/kl_k3"] for step in _steps(record)]
     assert len(kl) == 3 and all(abs(value) < 1e-7 for value in kl), kl
+
+
+def test_two_machines_train_against_one_vllm_server(vllm_server, tmp_path):
+    """The multi-node layout of slurm/train.slurm on one host: two accelerate launchers (ddp.yaml, machine ranks 0
+    and 1, one process each) train through the entry point against one `alp-trl vllm-serve` server. Rank 0 generates
+    for both and pushes the weights: after each sync the server is the trained policy again."""
+    import yaml
+
+    from .conftest import launch_machines
+
+    out = tmp_path / "out"
+    recipe = {
+        "model_name_or_path": "embedded:smollm2-135m-instruct",
+        "dataset_name": "builtin:arithmetic",
+        "reward_funcs": ["accuracy", "format"],
+        "output_dir": str(out),
+        "per_device_train_batch_size": 4,
+        "num_generations": 4,
+        "max_completion_length": 12,
+        "max_steps": 2,
+        "learning_rate": 3e-4,
+        "logging_steps": 1,
+        "report_to": "none",
+        "save_strategy": "steps",
+        "save_steps": 2,
+        "bf16": False,
+        "use_vllm": True,
+        "vllm_mode": "server",
+        "vllm_server_base_url": vllm_server,
+        "log_rollout_mismatch": True,
+        "perturb_lr": 0.05,
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    launch_machines(
+        "ddp.yaml", [str(REPO / "tests" / "scripts" / "launch_cpu_worker.py"), "--config", str(path)], tmp_path
+    )
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2] and ranks[0]["sigma"] == ranks[1]["sigma"]
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    kl = [s["rollout_mismatch/kl_k3"] for s in steps if "rollout_mismatch/kl_k3" in s]
+    assert len(kl) == 2 and all(abs(value) < 1e-6 for value in kl), kl
+    assert (out / "checkpoint-2" / "alp_perturbation.safetensors").exists()
