@@ -171,10 +171,18 @@ def accelerate_launch(
     return result
 
 
-def launch_machines(config: str, target: list[str], cwd, machines: int = 2, timeout: int = 900, port: int = 29561):
+def launch_machines(
+    config: str,
+    target: list[str],
+    cwd,
+    machines: int = 2,
+    timeout: int = 900,
+    port: int = 29561,
+    launch_args: tuple[str, ...] = (),
+):
     """`accelerate launch --config_file accelerate_configs/<config> --num_machines M --num_processes M --machine_rank r
     --main_process_ip 127.0.0.1 <target...>` for r in 0..M-1 at once: M "machines" of one process each on this host
-    (the target runs `tests.fakes.emulate_gpu_launch_on_cpu` for a GPU config). Asserts every launcher succeeded
+    (the target runs `tests.fakes.emulate_gpu_launch_on_cpu` for a GPU config), plus `launch_args`. Asserts every launcher succeeded
     (showing the failed one's output) and returns their completed processes."""
     import subprocess
     import sys
@@ -182,27 +190,29 @@ def launch_machines(config: str, target: list[str], cwd, machines: int = 2, time
 
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
-    launchers = []
+    launchers, logs = [], []
     for rank in range(machines):
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
         command += [str(repo / "accelerate_configs" / config), "--num_machines", str(machines)]
-        command += ["--num_processes", str(machines)]
+        command += ["--num_processes", str(machines), *launch_args]
         command += ["--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port)]
+        # each machine's output goes to a file (cwd/machine<r>.log): a pipe left unread would stall its writer
+        logs.append(open(Path(cwd) / f"machine{rank}.log", "w+"))
         launchers.append(
-            subprocess.Popen(
-                command + target, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd
-            )
+            subprocess.Popen(command + target, stdout=logs[-1], stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd)
         )
     results = []
     try:
-        for launcher in launchers:
-            stdout, stderr = launcher.communicate(timeout=timeout)
-            results.append(subprocess.CompletedProcess(launcher.args, launcher.returncode, stdout, stderr))
+        for launcher, log in zip(launchers, logs):
+            launcher.wait(timeout=timeout)
+            log.seek(0)
+            results.append(subprocess.CompletedProcess(launcher.args, launcher.returncode, log.read(), ""))
     finally:
-        for launcher in launchers:
+        for launcher, log in zip(launchers, logs):
             if launcher.poll() is None:
                 launcher.kill()
+            log.close()
     for rank, result in enumerate(results):
         if result.returncode != 0:
-            pytest.fail(f"machine {rank} failed:\n{result.stderr[-6000:]}\n--- stdout ---\n{result.stdout[-1500:]}")
+            pytest.fail(f"machine {rank} failed:\n{result.stdout[-7000:]}")
     return results
