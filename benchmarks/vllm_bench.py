@@ -14,9 +14,10 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
+
+from subprocess_runs import run_worker, write_report
 
 
 BACKENDS = {
@@ -126,13 +127,8 @@ def main() -> None:
         return
     results = []
     for name in args.backends:
-        command = [sys.executable, __file__, "--one", name, "--steps", str(args.steps), "--batch", str(args.batch)]
-        command += ["--length", str(args.length), "--out", args.out]
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
-        line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
-        if line is None:
-            raise SystemExit(f"{name}: the run failed\n{done.stderr[-3000:]}")
-        results.append(json.loads(line[len("RESULT ") :]))
+        worker = ["--one", name, "--steps", str(args.steps), "--batch", str(args.batch), "--length", str(args.length)]
+        results.append(run_worker(__file__, [*worker, "--out", args.out]))
         print(results[-1], flush=True)
     import vllm
 
@@ -146,11 +142,7 @@ def main() -> None:
         "command": "python " + " ".join(sys.argv),
         "results": results,
     }
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
-    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-        f.write(markdown(report))
-    print(markdown(report))
+    write_report(report, args.out, markdown(report))
 
 
 if __name__ == "__main__":

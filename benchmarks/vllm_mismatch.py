@@ -16,9 +16,10 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
+
+from subprocess_runs import run_worker, write_report
 
 
 BINS = [(0.0, 0.1), (0.1, 0.5), (0.5, 0.9), (0.9, 1.0 + 1e-9)]
@@ -138,13 +139,8 @@ def main() -> None:
         return
     results = []
     for dtype in args.dtypes:
-        command = [sys.executable, __file__, "--one", dtype, "--prompts", str(args.prompts), "--n", str(args.n)]
-        command += ["--max-tokens", str(args.max_tokens), "--seed", str(args.seed)]
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
-        line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
-        if line is None:
-            raise SystemExit(f"{dtype}: the worker failed\n{done.stderr[-3000:]}")
-        results.append(json.loads(line[len("RESULT ") :]))
+        worker = ["--one", dtype, "--prompts", str(args.prompts), "--n", str(args.n), "--seed", str(args.seed)]
+        results.append(run_worker(__file__, [*worker, "--max-tokens", str(args.max_tokens)]))
         print(dtype, results[-1]["abs_dlogp"], flush=True)
     import vllm
 
@@ -155,11 +151,7 @@ def main() -> None:
         "command": "python " + " ".join(sys.argv),
         "results": results,
     }
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
-    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-        f.write(markdown(report))
-    print(markdown(report))
+    write_report(report, args.out, markdown(report))
 
 
 if __name__ == "__main__":
