@@ -252,3 +252,31 @@ def test_two_machines_train_against_one_vllm_server(vllm_server, tmp_path):
     kl = [s["rollout_mismatch/kl_k3"] for s in steps if "rollout_mismatch/kl_k3" in s]
     assert len(kl) == 2 and all(abs(value) < 1e-6 for value in kl), kl
     assert (out / "checkpoint-2" / "alp_perturbation.safetensors").exists()
+
+
+def test_entry_point_trains_with_a_colocated_engine(tmp_path):
+    """`accelerate launch -m alp_trl.train --config <demo recipe> --use_vllm true`: the recipe trains through TRL's
+    colocated vLLM path with the real engine (float32) and saves; the engine is the policy after every sync."""
+    from .conftest import accelerate_launch
+
+    out = tmp_path / "out"
+    recipe = REPO / "recipes" / "SmolLM2-135M-Instruct" / "alp" / "config_demo.yaml"
+    overrides = {
+        "use_vllm": "true",
+        "vllm_mode": "colocate",
+        "vllm_dtype": "float32",
+        "vllm_max_model_length": "512",
+        "log_rollout_mismatch": "true",
+        "max_steps": "2",
+        "per_device_train_batch_size": "8",
+        "num_generations": "4",
+        "max_completion_length": "16",
+        "save_strategy": "no",
+        "output_dir": str(out),
+    }
+    arguments = [item for key, value in overrides.items() for item in (f"--{key}", value)]
+    accelerate_launch("cpu.yaml", ["-m", "alp_trl.train", "--config", str(recipe), *arguments], tmp_path)
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    kl = [s["rollout_mismatch/kl_k3"] for s in steps if "rollout_mismatch/kl_k3" in s]
+    assert len(kl) == 2 and all(abs(value) < 1e-7 for value in kl), kl
+    assert (out / "model.safetensors").exists() and (out / "alp_perturbation.safetensors").exists()
