@@ -523,9 +523,9 @@ class ALPConfig(GRPOConfig):
             )
         self.vllm_importance_sampling_correction = False
 
-        if self.loss_type == "vespo" and correction in ("token_mis", "seq_mis", "tis"):
+        if self.loss_type == "vespo" and correction in ROLLOUT_CORRECTIONS:
             raise ValueError(
                 f"`loss_type='vespo'` with `off_policy_correction={correction!r}` is not defined: VESPO's gamma weight "
                 "of the sequence ratio is itself its off-policy correction, and a MIS/TIS weight on top would count the "
-                "rollout mismatch twice. Use vespo with 'alp', 'bypass' or 'none'."
+                "rollout mismatch twice. Use vespo with 'alp', 'bypass', 'ppo' or 'none'."
             )

@@ -24,6 +24,8 @@ from datasets import Dataset, concatenate_datasets, load_dataset, load_from_disk
 BUILTIN_PREFIX = "builtin:"
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 ANSWER_FORMATS = ("auto", "raw", "gsm8k", "boxed")
+# The user message of every entry point (training, evaluation, diagnostics, study) unless a recipe sets its own.
+DEFAULT_PROMPT_TEMPLATE = "{problem}\nPut your final answer within \\boxed{}."
 
 
 def _bench_file(*parts: str) -> Path:

@@ -17,6 +17,8 @@ import os
 import time
 from dataclasses import dataclass
 
+from .data import DEFAULT_PROMPT_TEMPLATE
+
 
 @dataclass(frozen=True)
 class Benchmark:
@@ -76,12 +78,9 @@ def recipe_prompt(path: str) -> tuple[str, str | None]:
     """`(prompt_template, system_prompt)` of a training recipe YAML (the entry point's defaults where unset)."""
     import yaml
 
-    from .train import ALPScriptArguments
-
     with open(path) as f:
         recipe = yaml.safe_load(f) or {}
-    defaults = ALPScriptArguments(dataset_name="unused")
-    return recipe.get("prompt_template", defaults.prompt_template), recipe.get("system_prompt", defaults.system_prompt)
+    return recipe.get("prompt_template", DEFAULT_PROMPT_TEMPLATE), recipe.get("system_prompt")
 
 
 def load_problems(name: str, limit: int | None, spec: Benchmark | None = None) -> list[dict]:
@@ -287,7 +286,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--limit", type=int, default=None, help="first N problems of each benchmark")
     parser.add_argument("--batch-size", type=int, default=32, help="sequences per generate call (transformers)")
-    parser.add_argument("--prompt-template", default="{problem}\nPut your final answer within \\boxed{}.")
+    parser.add_argument("--prompt-template", default=DEFAULT_PROMPT_TEMPLATE)
     parser.add_argument("--system-prompt", default=None)
     parser.add_argument(
         "--prompt-from-recipe",

@@ -24,6 +24,8 @@ from contextlib import nullcontext
 
 import torch
 
+from .data import DEFAULT_PROMPT_TEMPLATE
+
 
 def attach_checkpoint_perturbation(model, path: str, sigma: float | None, layers: str, noise_scale: str, seed: int):
     """The checkpoint's own perturbation (side file) or one with a fixed `sigma`; returns it and where sigma came from."""
@@ -224,7 +226,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--split", default="test")
     parser.add_argument("--problem-column", default="problem")
     parser.add_argument("--answer-column", default="answer")
-    parser.add_argument("--prompt-template", default="{problem}\nPut your final answer within \\boxed{}.")
+    parser.add_argument("--prompt-template", default=DEFAULT_PROMPT_TEMPLATE)
     parser.add_argument("--num-prompts", type=int, default=16)
     parser.add_argument("--num-generations", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=64)

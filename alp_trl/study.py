@@ -36,6 +36,8 @@ from contextlib import nullcontext
 
 import torch
 
+from .data import DEFAULT_PROMPT_TEMPLATE
+
 
 # ---------------------------------------------------------------------------------------------------------- the grid
 def load_grid(path: str) -> dict:
@@ -201,7 +203,7 @@ def sample_intervention_batch(model, tokenizer, data: dict, engine: dict, seed: 
         raw,
         data.get("problem_column", "problem"),
         data.get("answer_column", "answer"),
-        data.get("prompt_template", "{problem}\nPut your final answer within \\boxed{}."),
+        data.get("prompt_template", DEFAULT_PROMPT_TEMPLATE),
         conversational=tokenizer.chat_template is not None,
     )
     num_generations = data.get("num_generations", 4)

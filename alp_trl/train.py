@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from trl import ModelConfig, ScriptArguments, TrlParser
 
 from .config import ALPConfig
-from .data import ANSWER_FORMATS
+from .data import ANSWER_FORMATS, DEFAULT_PROMPT_TEMPLATE
 
 
 logger = logging.getLogger("alp_trl.train")
@@ -56,7 +56,7 @@ class ALPScriptArguments(ScriptArguments):
         },
     )
     prompt_template: str = field(
-        default="{problem}\nPut your final answer within \\boxed{}.",
+        default=DEFAULT_PROMPT_TEMPLATE,
         metadata={"help": "User message; '{problem}' is replaced by the problem text."},
     )
     system_prompt: str | None = field(default=None, metadata={"help": "Optional system message."})

@@ -121,10 +121,23 @@ def test_mis_bounds_default_to_mis_threshold_and_are_one_sided_when_one_is_set(t
     assert make(tmp_path, **fields).mis_bounds == pytest.approx(bounds)
 
 
-@pytest.mark.parametrize("correction", ["token_mis", "seq_mis", "tis"])
+@pytest.mark.parametrize("correction", ["token_mis", "seq_mis", "tis", "seq_tis"])
 def test_vespo_with_an_auxiliary_weight_is_refused_with_the_reason(tmp_path, correction):
     with pytest.raises(ValueError, match=r"loss_type='vespo'.*off_policy_correction='" + correction + "'.*twice"):
         make(tmp_path, loss_type="vespo", off_policy_correction=correction)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo"])
+@pytest.mark.parametrize("correction", ["alp", "bypass", "token_mis", "seq_mis", "tis", "seq_tis", "ppo", "none"])
+def test_correction_and_loss_table(tmp_path, correction, loss_type):
+    """Every correction x loss pair: refused exactly where the README says (vespo with a MIS / TIS weight)."""
+    refused = loss_type == "vespo" and correction in ("token_mis", "seq_mis", "tis", "seq_tis")
+    if refused:
+        with pytest.raises(ValueError, match="vespo"):
+            make(tmp_path, loss_type=loss_type, off_policy_correction=correction)
+    else:
+        config = make(tmp_path, loss_type=loss_type, off_policy_correction=correction)
+        assert (config.loss_type, config.off_policy_correction) == (loss_type, correction)
 
 
 @pytest.mark.parametrize(
