@@ -117,3 +117,10 @@ def sdpa_backends_restored(backends: list | None):
 
     with sdpa_kernel(backends):
         yield
+
+
+def update_excludes_cudnn_sdpa(setting: str, model, device) -> tuple[bool, str]:
+    """`resolve_cudnn_sdpa` for a model on a device: whether the policy-update step keeps cuDNN SDPA out, and why."""
+    attn_implementation = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    return resolve_cudnn_sdpa(setting, attn_implementation, torch.__version__, capability)

@@ -7,14 +7,12 @@ from dataclasses import dataclass, field
 from trl import GRPOConfig
 
 from .attention_backend import CUDNN_SDPA_SETTINGS
+from .corrections import OFF_POLICY_CORRECTIONS, ROLLOUT_CORRECTIONS, Correction, correction  # noqa: F401
 from .perturbation import LAYER_SPECS, NOISE_SCALES, SIGMA_SHAPES, parse_layer_spec  # noqa: F401 (re-exported)
 
 
 logger = logging.getLogger(__name__)
 
-OFF_POLICY_CORRECTIONS = ("alp", "bypass", "token_mis", "seq_mis", "tis", "seq_tis", "ppo", "none")
-# The baselines with an auxiliary rollout weight pi_old / pi_rollout (MIS: reject outside bounds; TIS: truncate).
-ROLLOUT_CORRECTIONS = ("token_mis", "seq_mis", "tis", "seq_tis")
 MIS_REJECTIONS = ("drop", "zero")
 MIS_AGGREGATIONS = ("sum", "mean")
 CODE_TOOLS = ("none", "python")
@@ -96,7 +94,7 @@ class ALPConfig(GRPOConfig):
             Reject a whole sequence when any of its token ratios old / rollout is below this (verl / slime "veto").
             Only with a MIS / TIS correction.
         log_rollout_mismatch (`bool`, *optional*, defaults to `False`):
-            Log the rollout engine's distance from the clean training policy (`rollout_mismatch/*`) at every
+            Log the rollout engine's distance from the unperturbed training policy (`rollout_mismatch/*`) at every
             generation, with any correction. With `"none"` this is a metrics-only mode: the loss stays TRL's.
         rollout_mismatch (`str`, *optional*, defaults to `"none"`):
             Rollout-mismatch simulator for CPU / transformers generation (see `alp_trl.rollout_mismatch`): sample the
@@ -253,7 +251,7 @@ class ALPConfig(GRPOConfig):
     log_rollout_mismatch: bool = field(
         default=False,
         metadata={
-            "help": "Log the rollout engine's mismatch to the clean policy (rollout_mismatch/*); with "
+            "help": "Log the rollout engine's mismatch to the unperturbed policy (rollout_mismatch/*); with "
             "off_policy_correction='none' a metrics-only mode."
         },
     )
@@ -353,30 +351,34 @@ class ALPConfig(GRPOConfig):
         return state
 
     @property
+    def correction(self) -> Correction:
+        """What `off_policy_correction` is (`alp_trl.corrections`): every rule that depends on it asks this."""
+        return correction(self.off_policy_correction)
+
+    @property
     def uses_perturbation(self) -> bool:
         """Whether the policy-update forward runs through the layerwise noise modules."""
-        return self.off_policy_correction == "alp" and self.perturb_layers != "none"
+        return self.correction.perturbed and self.perturb_layers != "none"
 
     @property
     def uses_rollout_logps(self) -> bool:
         """Whether the trainer needs the log-probs of the policy that sampled the rollout (objective or metrics)."""
-        return self.off_policy_correction != "none" or self.log_rollout_mismatch
+        return not self.correction.is_trl_loss or self.log_rollout_mismatch
 
     @property
     def mis_bounds(self) -> tuple[float | None, float | None]:
         """`(low, high)` of the MIS / TIS weight: the explicit bounds, else `[1/C, C]` (MIS) or `C` (TIS)."""
         if self.mis_threshold_low is None and self.mis_threshold_high is None:
-            truncate = self.off_policy_correction in ("tis", "seq_tis")
+            truncate = self.correction.truncates
             return (None if truncate else 1.0 / self.mis_threshold), self.mis_threshold
         return self.mis_threshold_low, self.mis_threshold_high
 
     def rollout_correction_kwargs(self) -> dict:
         """Keyword arguments of `objectives.rollout_correction` for this config's MIS / TIS correction."""
         low, high = self.mis_bounds
-        correction = self.off_policy_correction
         return {
-            "level": "sequence" if correction in ("seq_mis", "seq_tis") else "token",
-            "mode": "truncate" if correction in ("tis", "seq_tis") else "mask",
+            "level": self.correction.weight_level or "token",
+            "mode": self.correction.rollout_weight or "mask",
             "low": low,
             "high": high,
             "aggregation": self.mis_aggregation,
@@ -430,12 +432,12 @@ class ALPConfig(GRPOConfig):
             raise ValueError(f"`mis_threshold_low` ({low}) must be below `mis_threshold_high` ({high}).")
         correction = self.off_policy_correction
         explicit = [n for n in ("mis_threshold_low", "mis_threshold_high", "mis_veto_threshold") if getattr(self, n)]
-        if explicit and correction not in ROLLOUT_CORRECTIONS:
+        if explicit and not self.correction.has_rollout_weight:
             raise ValueError(
                 f"`{explicit[0]}` applies to the MIS / TIS corrections {list(ROLLOUT_CORRECTIONS)}, but "
                 f"off_policy_correction={correction!r} has no auxiliary rollout weight: unset it or pick one of them."
             )
-        if correction in ("tis", "seq_tis") and low is not None and high is None:
+        if self.correction.truncates and low is not None and high is None:
             raise ValueError(
                 f"off_policy_correction={correction!r} truncates at an upper bound: set `mis_threshold_high` (or "
                 "unset `mis_threshold_low` to use `mis_threshold`)."
@@ -496,14 +498,14 @@ class ALPConfig(GRPOConfig):
                 f"{self.mis_threshold}."
             )
         self._validate_rollout_correction_fields()
-        if self.off_policy_correction == "alp" and self.perturb_sigma_learnable and self.perturb_sigma_init == 0:
+        if self.correction.perturbed and self.perturb_sigma_learnable and self.perturb_sigma_init == 0:
             logger.warning(
                 "perturb_sigma_init=0 with perturb_sigma_learnable=True: sigma = exp(log_sigma) = 0 has zero "
                 "gradient and will stay 0. Use a small positive value (the paper's multi-turn setting uses 1e-6)."
             )
 
         correction = self.off_policy_correction
-        if correction == "none":
+        if self.correction.is_trl_loss:
             if self.vllm_importance_sampling_correction is None:
                 self.vllm_importance_sampling_correction = True  # TRL's default
             return
@@ -523,7 +525,7 @@ class ALPConfig(GRPOConfig):
             )
         self.vllm_importance_sampling_correction = False
 
-        if self.loss_type == "vespo" and correction in ROLLOUT_CORRECTIONS:
+        if not self.correction.allows_loss_type(self.loss_type):
             raise ValueError(
                 f"`loss_type='vespo'` with `off_policy_correction={correction!r}` is not defined: VESPO's gamma weight "
                 "of the sequence ratio is itself its off-policy correction, and a MIS/TIS weight on top would count the "

@@ -14,12 +14,16 @@ The trainer does the skipping itself (gradients dropped, optimizer and LR schedu
 decides and describes, so it is tested without a model.
 """
 
+import logging
 import math
 from dataclasses import dataclass, field
 
 import torch
 
 from .attention_backend import CUDNN_SDPA_BUG
+
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -121,3 +125,55 @@ class NonFiniteStepGuard:
             return message
         finally:
             self.window.clear()
+
+
+def drop_optimizer_step(optimizer, skip: bool) -> None:
+    """Make `optimizer.step()` and the LR scheduler a no-op for this step when `skip` (torch optimizers skip
+    parameters without a gradient; accelerate's `step_was_skipped` keeps Trainer from stepping the scheduler).
+    Under fp16 loss scaling the gradients are poisoned instead, so that the scaler skips (and reports) it."""
+    scaler = getattr(optimizer, "scaler", None)
+    if scaler is not None:
+        if skip:
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    if param.grad is not None:
+                        param.grad.fill_(float("nan"))
+        return
+    if not hasattr(optimizer, "_is_overflow"):
+        raise RuntimeError(
+            f"The non-finite step guard expects accelerate's AcceleratedOptimizer (`_is_overflow`), got "
+            f"{type(optimizer).__name__}: accelerate changed; see alp_trl/nonfinite_guard.py `drop_optimizer_step`."
+        )
+    if skip:
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                param.grad = None
+    optimizer._is_overflow = skip
+
+
+def guard_optimizer_step(guard: NonFiniteStepGuard, accelerator, optimizer, grad_norm, step: int) -> bool:
+    """The guard at an optimizer step (`step`, 1-based), right before `optimizer.step()`: skip the step on every rank
+    if its gradient norm or a micro-step loss is NaN/inf on any rank. Returns whether the step was skipped."""
+    device = accelerator.device
+    local_bad = guard.local_loss_is_nonfinite(device)
+    if not is_finite_number(grad_norm):
+        local_bad = torch.ones((), device=device)
+    skipped = bool(accelerator.reduce(local_bad, reduction="sum").item() > 0)
+    if getattr(accelerator.state, "deepspeed_plugin", None) is not None:
+        # DeepSpeed has already stepped inside `backward`. With bf16 it checks the gradients for overflow itself
+        # (`bf16.check_grad_overflow`, on by default) and skips the step, which it reports here; a non-finite loss
+        # whose gradients are finite is stepped.
+        deepspeed_skipped = accelerator.optimizer_step_was_skipped
+        if skipped and not deepspeed_skipped:
+            logger.error(
+                "Optimizer step %d: non-finite loss or gradient norm, but DeepSpeed stepped anyway (its overflow check "
+                "saw finite gradients or is off: set `bf16.check_grad_overflow: true`).",
+                step,
+            )
+        skipped = deepspeed_skipped
+    else:
+        drop_optimizer_step(optimizer, skipped)
+    message = guard.conclude(skipped, step, grad_norm, rank=accelerator.process_index)
+    if message:
+        logger.warning(message)
+    return skipped

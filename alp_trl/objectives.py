@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .corrections import Correction, correction
+
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Mean of `x` over the positions where `mask` is 1 (all of them, or along `dim`); 0 where nothing is masked in."""
@@ -325,3 +327,169 @@ def aggregate_loss(
     raise ValueError(
         f"Unknown loss type {loss_type!r}; allowed values are ['grpo', 'bnpo', 'dr_grpo', 'dapo', 'luspo']."
     )
+
+
+# ------------------------------------------------------------------------------------------- the whole policy loss
+# How each loss type reduces its per-token loss (the ones not listed reduce by their own name): as TRL does.
+LOSS_AGGREGATION = {"cispo": "dapo", "vespo": "dapo", "sapo": "grpo"}
+
+
+@dataclass(frozen=True)
+class PolicyLossSettings:
+    """The config values the policy loss reads (defaults: `ALPConfig`'s). Build it from a config with `from_config`,
+    so that every caller (the trainer, `alp-trl diagnose`, the study) optimises the same objective."""
+
+    off_policy_correction: str = "alp"
+    loss_type: str = "dapo"
+    importance_sampling_level: str = "token"
+    sequence_ratio_aggregation: str = "mean"
+    log_ratio_clamp: float = 20.0
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    dual_clip_c: float | None = 10.0
+    delta: float | None = None
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
+    off_policy_mask_threshold: float | None = None
+    max_completion_length: int | None = None
+    rollout_correction_kwargs: dict | None = None
+
+    @classmethod
+    def from_config(cls, args) -> "PolicyLossSettings":
+        """The settings of an `ALPConfig` (as `GRPOTrainer` reads them: `epsilon_high` defaults to `epsilon`)."""
+        values = {name: getattr(args, name) for name in cls.__dataclass_fields__ if hasattr(args, name)}
+        values["epsilon_low"] = args.epsilon
+        values["epsilon_high"] = args.epsilon_high if args.epsilon_high is not None else args.epsilon
+        if correction(args.off_policy_correction).has_rollout_weight:
+            values["rollout_correction_kwargs"] = args.rollout_correction_kwargs()
+        return cls(**values)
+
+    @property
+    def correction(self) -> Correction:
+        return correction(self.off_policy_correction)
+
+    @property
+    def aggregation(self) -> str:
+        """The `aggregate_loss` rule of `loss_type`."""
+        return LOSS_AGGREGATION.get(self.loss_type, self.loss_type)
+
+
+@dataclass
+class PolicyLoss:
+    """The per-token policy loss of one batch and what it was built from (for metrics)."""
+
+    per_token_loss: torch.Tensor  # (B, T), with the KL-to-reference term, before aggregation
+    mask: torch.Tensor  # the tokens it acts on (a MIS rejection with `drop` removes tokens)
+    denominator: torch.Tensor  # the ratio's denominator log-probs
+    rollout_logps: torch.Tensor  # the rollout policy's log-probs, NaN replaced by the numerator's
+    surrogate: SurrogateOutput
+    extra: dict  # per-token or per-sequence values to log (VESPO's phi, the KL to the reference)
+    token_mask: torch.Tensor | None = None  # the tokens `select_tokens` kept for the surrogate (None: all of `mask`)
+
+
+def policy_loss(
+    logps: torch.Tensor,
+    rollout_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    settings: PolicyLossSettings,
+    old_logps: torch.Tensor | None = None,
+    rollout_weight: torch.Tensor | None = None,
+    rollout_keep: torch.Tensor | None = None,
+    select_tokens=None,
+    ref_logps: torch.Tensor | None = None,
+    beta: float = 0.0,
+    use_bias_correction_kl: bool = False,
+) -> PolicyLoss:
+    """
+    The per-token policy loss of every correction and loss type except TRL's own (`"none"`).
+
+    `logps` are the numerator's log-probs, with gradient (the perturbed policy's under ALP); `rollout_logps` the
+    sampling policy's (NaN where the engine could not score a token: ratio 1 there). ALP and Bypass divide by the
+    rollout policy; PPO and the MIS / TIS baselines by `old_logps` (the policy before the update; `None`: the detached
+    numerator, i.e. the first update on a batch), the MIS / TIS weight pi_old / pi_rollout on top (`rollout_weight` and
+    the tokens it keeps, `rollout_keep`, from `rollout_correction` once per generation batch; `None`: computed here
+    from this batch). `select_tokens(mask)` returns a `(B, T)` 0/1 mask of the tokens the surrogate keeps (TRL's
+    high-entropy token selection, `top_entropy_quantile`), `ref_logps` and `beta` add the KL to the reference model
+    (k3), weighted by the ratio with `use_bias_correction_kl`.
+    """
+    spec = settings.correction
+    if spec.is_trl_loss:
+        raise ValueError("off_policy_correction='none' is TRL's own loss: GRPOTrainer computes it.")
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(1)
+    rollout_logps = torch.where(torch.isnan(rollout_logps), logps.detach(), rollout_logps)
+    weight = None
+    if spec.divides_by_rollout:
+        denominator = rollout_logps
+    else:
+        denominator = logps.detach() if old_logps is None else old_logps
+        if spec.has_rollout_weight:
+            if rollout_weight is None:
+                corr = rollout_correction(denominator, rollout_logps, mask, **settings.rollout_correction_kwargs)
+                rollout_weight, rollout_keep = corr.weight, corr.keep
+            weight = rollout_weight
+            mask = mask * rollout_keep
+    s = settings
+    log_ratio = importance_log_ratio(
+        logps, denominator, mask, s.importance_sampling_level, s.sequence_ratio_aggregation, s.log_ratio_clamp
+    )
+    extra = {}
+    if s.loss_type == "cispo":
+        surrogate = cispo_surrogate(log_ratio, advantages, logps, s.epsilon_high)
+    elif s.loss_type == "sapo":
+        surrogate = sapo_surrogate(log_ratio, advantages, s.sapo_temperature_pos, s.sapo_temperature_neg)
+    elif s.loss_type == "vespo":
+        # the sequence weight of the token log-ratios (numerator over the rollout policy for ALP / Bypass)
+        phi = vespo_gamma_weight(
+            logps.detach() - denominator,
+            advantages,
+            mask,
+            s.vespo_k_pos,
+            s.vespo_lambda_pos,
+            s.vespo_k_neg,
+            s.vespo_lambda_neg,
+        )
+        surrogate = vespo_surrogate(phi, advantages, logps)
+        extra["vespo/phi_seq_mean"] = phi
+    else:
+        surrogate = clipped_surrogate(log_ratio, advantages, s.epsilon_low, s.epsilon_high, s.dual_clip_c, s.delta)
+    per_token_loss = surrogate.per_token_loss
+    if weight is not None:
+        per_token_loss = per_token_loss * weight
+    if s.off_policy_mask_threshold is not None:
+        per_token_loss = per_token_loss * off_policy_sequence_mask(
+            advantages, logps, rollout_logps, mask, s.off_policy_mask_threshold
+        )
+    token_mask = select_tokens(mask) if select_tokens is not None else None
+    if token_mask is not None:
+        per_token_loss = per_token_loss * token_mask
+    if beta != 0.0:
+        per_token_kl = low_variance_kl(logps, ref_logps)
+        if use_bias_correction_kl:
+            per_token_kl = per_token_kl * kl_correction_weight(
+                logps, denominator, mask, s.importance_sampling_level, s.sequence_ratio_aggregation, s.log_ratio_clamp
+            )
+        per_token_loss = per_token_loss + beta * per_token_kl
+        extra["kl"] = per_token_kl
+    return PolicyLoss(per_token_loss, mask, denominator, rollout_logps, surrogate, extra, token_mask)
+
+
+def aggregate_policy_loss(
+    loss: PolicyLoss,
+    settings: PolicyLossSettings,
+    accumulation: float = 1.0,
+    num_items: torch.Tensor | float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(the loss to backpropagate, the policy loss's value)` of one micro-batch, reduced as `loss_type` says. DAPO
+    divides by `num_items` (the token count of one accumulation window, per process), which already accounts for
+    accumulation; the other rules are divided by `accumulation`."""
+    if settings.aggregation == "dapo":
+        total = aggregate_loss(loss.per_token_loss, loss.mask, "dapo", num_items=num_items)
+        return total, total.detach()
+    total = aggregate_loss(loss.per_token_loss, loss.mask, settings.aggregation, settings.max_completion_length)
+    return total / accumulation, total.detach()

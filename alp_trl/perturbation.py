@@ -317,6 +317,23 @@ class LayerwisePerturbation(nn.Module):
 
     # ------------------------------------------------------------------------------------------------ construction
     @classmethod
+    def for_training(cls, model: nn.Module, args, rank: int = 0) -> "LayerwisePerturbation":
+        """The perturbation an `ALPConfig` (`args`) asks for, attached to the policy of the process `rank`, with the
+        per-layer noise survival tracked (`alp/noise_survival`: a few ops on 256 positions per layer)."""
+        perturbation = cls.attach(
+            model,
+            layers=args.perturb_layers,
+            sigma_init=args.perturb_sigma_init,
+            sigma_shape=args.perturb_sigma_shape,
+            learnable=args.perturb_sigma_learnable,
+            noise_scale=args.perturb_noise_scale,
+            seed=args.perturb_seed if args.perturb_seed is not None else args.seed,
+        )
+        perturbation.rank = rank
+        perturbation.track_survival = True
+        return perturbation
+
+    @classmethod
     def attach(
         cls,
         model: nn.Module,

@@ -173,3 +173,15 @@ def sample_with_logprobs(
             row = row[: row.index(eos_token_id) + 1]
         completions.append(row)
     return completions, recorder.logprobs_for(completions)
+
+
+def missing_rollout_logps_warning(problem: str | None, args) -> str:
+    """The warning when a generation batch's rollout log-probs are unusable and the unperturbed policy's are
+    recomputed in their place (which hides the engine's mismatch from the ratio)."""
+    cause = f"Rollout log-probs unusable ({problem})" if problem else "The generation backend returned no log-probs"
+    simulated = " (and the simulated one of rollout_mismatch)" if args.rollout_mismatch != "none" else ""
+    return (
+        f"{cause}; off_policy_correction={args.off_policy_correction!r} uses the log-probs of the unperturbed policy "
+        "recomputed after generation instead (one extra forward pass per generation batch; counted in "
+        f"alp/rollout_logps_recomputed). This ignores any train-inference mismatch of the backend{simulated}. Shown once."
+    )

@@ -87,3 +87,53 @@ def replayed_logprobs(
     if compute_entropy:
         entropy = -(log_probs.exp() * log_probs).sum(-1)
     return token_logps, entropy
+
+
+def replayed_forward(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    logits_to_keep: int,
+    batch_size: int,
+    temperature: float,
+    truncation: SamplingTruncation,
+    compute_entropy: bool,
+    autocast,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The policy's log-probs of the last `logits_to_keep` tokens over the tokens its own sampler would keep
+    (`replayed_logprobs`), from the logits, in chunks of `batch_size` rows; `autocast` is the context of the forward
+    (the accelerator's). Returns `(logps, entropies or None)`, `(B, logits_to_keep)` each."""
+    logps, entropies = [], []
+    for start in range(0, input_ids.size(0), batch_size):
+        ids, mask = input_ids[start : start + batch_size], attention_mask[start : start + batch_size]
+        with autocast():
+            logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=logits_to_keep + 1).logits
+        chunk_logps, chunk_entropy = replayed_logprobs(
+            logits[:, :-1], ids[:, -logits_to_keep:], temperature, truncation, compute_entropy
+        )
+        logps.append(chunk_logps)
+        entropies.append(chunk_entropy)
+    return torch.cat(logps), torch.cat(entropies) if compute_entropy else None
+
+
+def truncated_sampling_warning(args, replayed: bool) -> str | None:
+    """The warning for a ratio against a truncated / reshaped sampler whose truncation the numerator does not replay
+    (`top_p`, `top_k`, `min_p` without replay; `repetition_penalty` always), or `None` when the ratio is unbiased."""
+    reshaped = []
+    if not replayed:
+        if args.top_p is not None and args.top_p < 1.0:
+            reshaped.append(f"top_p={args.top_p}")
+        if args.top_k is not None and args.top_k > 0:
+            reshaped.append(f"top_k={args.top_k}")
+        if args.min_p:
+            reshaped.append(f"min_p={args.min_p}")
+    if args.repetition_penalty != 1.0:
+        reshaped.append(f"repetition_penalty={args.repetition_penalty}")
+    if not reshaped:
+        return None
+    return (
+        f"off_policy_correction={args.off_policy_correction!r} with {', '.join(reshaped)}: completions are sampled "
+        "from a truncated/reshaped distribution, but the trainer's log-probs (the numerator) are those of the full "
+        "temperature-scaled distribution, so the importance ratio is biased on the tokens the truncation changed. "
+        "Use top_p=1, top_k=0, or sampling_mask_replay=True for top_p / top_k / min_p, for an unbiased ratio."
+    )

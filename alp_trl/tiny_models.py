@@ -2,7 +2,7 @@
 
 `build_tiny_tokenizer()` trains a byte-level BPE tokenizer on a small built-in corpus and gives it a ChatML chat
 template; `build_tiny_causal_lm(arch)` builds a randomly initialised model of a given architecture (Qwen2, Qwen3,
-Llama, Mistral, Gemma, GPT-2) sized for CPU tests.
+Llama, Mistral, Gemma, GPT-2, Qwen3-MoE) sized for CPU tests.
 """
 
 import functools
@@ -56,7 +56,7 @@ def build_tiny_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-ARCHITECTURES = ("qwen2", "qwen3", "llama", "mistral", "gemma", "gpt2")
+ARCHITECTURES = ("qwen2", "qwen3", "llama", "mistral", "gemma", "gpt2", "qwen3_moe")
 
 
 def tiny_config(arch: str, vocab_size: int, num_layers: int = 3, hidden_size: int = 32):
@@ -87,8 +87,10 @@ def tiny_config(arch: str, vocab_size: int, num_layers: int = 3, hidden_size: in
         eos_token_id=2,
         pad_token_id=0,
     )
-    if arch in ("qwen3", "gemma"):
+    if arch in ("qwen3", "gemma", "qwen3_moe"):
         common["head_dim"] = hidden_size // 4
+    if arch == "qwen3_moe":  # 4 experts, 2 per token, each half the dense MLP's width
+        common.update(moe_intermediate_size=hidden_size // 2, num_experts=4, num_experts_per_tok=2)
     return AutoConfig.for_model(arch, **common)
 
 

@@ -207,3 +207,15 @@ def trainer_tir_rollout(prompts: list, trainer) -> dict:
     for offset, kind in enumerate(FAILURE_KINDS):
         metrics[f"tools/failures/{kind}"].append(totals[5 + offset] / completions)
     return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": logprobs, "env_mask": tool_mask}
+
+
+def tool_rollout_func(trainer_kwargs: dict):
+    """The `rollout_func` of `code_tool="python"` (`trainer_tir_rollout`), refused beside TRL's own tool or
+    environment loops or another `rollout_func` in the trainer's keyword arguments."""
+    for name in ("rollout_func", "tools", "environment_factory"):
+        if trainer_kwargs.get(name):
+            raise ValueError(
+                f"`code_tool='python'` runs its own multi-turn loop and cannot be combined with `{name}`: use one or "
+                "the other (TRL's tools / environments, or code_tool)."
+            )
+    return trainer_tir_rollout

@@ -20,6 +20,7 @@ import importlib.util
 import logging
 import os
 import platform
+from contextlib import contextmanager
 
 import torch
 from trl.generation.vllm_generation import VLLMGeneration
@@ -241,3 +242,15 @@ def build_vllm_generation(trainer) -> EngineOptionsVLLMGeneration:
         engine_options=engine_options(args.vllm_dtype, args.vllm_enforce_eager, trainer.accelerator.device.type),
         weight_sync_dir=args.vllm_weight_sync_dir or os.path.join(args.output_dir, ".vllm_weight_sync"),
     )
+
+
+@contextmanager
+def vllm_built_after_init(args, active: bool):
+    """`GRPOTrainer.__init__` with `use_vllm` off when `active`, so that it builds no engine (the trainer builds its
+    own after it, `build_vllm_generation`); the config is restored as it was, whatever happens."""
+    use_vllm = args.use_vllm
+    args.use_vllm = use_vllm and not active
+    try:
+        yield
+    finally:
+        args.use_vllm = use_vllm

@@ -121,7 +121,7 @@ def test_unusable_recordings_fall_back_to_one_clean_forward(
     warning = " ".join(r.getMessage() for r in caplog.records)
     assert reason in warning and "recomputed" in warning
     assert trainer._metrics["train"]["alp/rollout_logps_recomputed"] == [1.0]
-    torch.testing.assert_close(output["sampling_per_token_logps"], trainer._clean_policy_logps(output))
+    torch.testing.assert_close(output["sampling_per_token_logps"], trainer._unperturbed_policy_logps(output))
     before = named_params(trainer.model)
     trainer.train()
     assert "alp_perturbation.log_sigma" in _changed(before, trainer.model)
@@ -134,7 +134,7 @@ def test_recorded_logprobs_are_used_when_they_line_up(make_model, tokenizer, pro
     output = trainer._generate_and_score_completions(_first_batch(trainer))
     assert trainer._metrics["train"]["alp/rollout_logps_recomputed"] == [0.0]
     mask = output["completion_mask"].bool()
-    clean = trainer._clean_policy_logps(output)
+    clean = trainer._unperturbed_policy_logps(output)
     torch.testing.assert_close(output["sampling_per_token_logps"][mask], clean[mask], rtol=1e-4, atol=1e-4)
 
 
@@ -246,7 +246,7 @@ def test_multi_turn_logprobs_line_up_with_completion_ids_and_tool_mask(make_mode
     assert (mask & ~tool_mask).any() and (mask & tool_mask).any()
     if correction != "none":  # plain GRPO records nothing: TRL's own path
         assert trainer._metrics["train"]["alp/rollout_logps_recomputed"] == [0.0]
-        sampled, clean = output["sampling_per_token_logps"], trainer._clean_policy_logps(output)
+        sampled, clean = output["sampling_per_token_logps"], trainer._unperturbed_policy_logps(output)
         torch.testing.assert_close(sampled[mask & tool_mask], clean[mask & tool_mask], rtol=1e-4, atol=1e-4)
         assert torch.all(sampled[mask & ~tool_mask] == 0.0)
     text = tokenizer.decode(output["completion_ids"][0][mask[0]])

@@ -114,8 +114,8 @@ def test_equal_to_trl_vllm_importance_sampling_where_the_definitions_coincide(
     ours.current_gradient_accumulation_steps = 1
     mask = output["completion_mask"]
     batch = {k: v for k, v in output.items() if k != "importance_sampling_ratio"}
-    ours._apply_rollout_correction(
-        batch, batch["old_per_token_logps"], batch["sampling_per_token_logps"], mask, "train"
+    ours._attach_rollout_weight(
+        batch, batch["old_per_token_logps"], batch["sampling_per_token_logps"], mask, ours._metrics["train"]
     )
     ratio = output["importance_sampling_ratio"]
     fired = (ratio == 0) | (ratio == low) | (ratio == high)
@@ -133,23 +133,6 @@ def test_equal_to_trl_vllm_importance_sampling_where_the_definitions_coincide(
         torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=0, msg=name)
 
 
-def test_weight_diagnostics_by_hand():
-    # two sequences: tokens [0.5, -0.5] and [30.0 (beyond the clamp of 20), masked]
-    log_ratio = torch.tensor([[0.5, -0.5], [30.0, 1.0]])
-    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
-    token = weight_diagnostics({k: float(v) for k, v in importance_weight_sums(log_ratio, mask, "token").items()})
-    w = [math.exp(0.5), math.exp(-0.5), math.exp(20.0)]
-    assert token["is_weight_chi2"] == pytest.approx(sum(x * x for x in w) / 3 - 1)
-    assert token["is_weight_ess_frac"] == pytest.approx(sum(w) ** 2 / (3 * sum(x * x for x in w)))
-    assert token["ppl_ratio"] == pytest.approx((math.exp(0.0) + math.exp(-30.0)) / 2)
-    assert token["seq_clamped_frac"] == 0.5 and token["abs_max_preclamp"] == 30.0
-    seq = weight_diagnostics(
-        {k: float(v) for k, v in importance_weight_sums(log_ratio, mask, "sequence", "mean").items()}
-    )
-    ws = [math.exp(0.0), math.exp(20.0)]  # sequence means 0 and 30 (clamped to 20)
-    assert seq["is_weight_chi2"] == pytest.approx(sum(x * x for x in ws) / 2 - 1)
-    assert seq["is_weight_ess_frac"] == pytest.approx(sum(ws) ** 2 / (2 * sum(x * x for x in ws)))
-    assert seq["seq_clamped_frac"] == 0.5 and seq["abs_max_preclamp"] == 30.0
 
 
 def test_trainer_logs_the_weight_diagnostics_by_value(make_model, tokenizer, prompt_dataset, train_args):

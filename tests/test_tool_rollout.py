@@ -156,7 +156,7 @@ def test_tool_tokens_leave_every_ratio_and_the_loss(make_model, tokenizer, train
     assert metrics["alp/rollout_logps_recomputed"] == [0.0]
 
     loss = trainer._compute_loss(trainer.model, output)
-    current = trainer._clean_policy_logps(output)
+    current = trainer._unperturbed_policy_logps(output)
     rollout = output["sampling_per_token_logps"]
     torch.testing.assert_close(rollout[model_tokens], current[model_tokens], atol=1e-4, rtol=1e-4)
     seq_lr = ((current - rollout) * model_tokens).sum(-1) / model_tokens.sum(-1)
@@ -197,7 +197,7 @@ def test_multi_turn_alp_trains_end_to_end(make_model, tokenizer, train_args, eng
         trainer.current_gradient_accumulation_steps = 1
         output = trainer._generate_and_score_completions([trainer.train_dataset[i] for i in range(4)])
         model_tokens = output["completion_mask"].bool() & output["tool_mask"].bool()
-        clean = trainer._clean_policy_logps(output)
+        clean = trainer._unperturbed_policy_logps(output)
         gap = (output["sampling_per_token_logps"] - clean)[model_tokens].abs().mean()
         assert gap > 0.01, "the denominator is the engine's per-turn log-probs, not the trainer's recomputation"
         assert trainer._metrics["train"]["alp/rollout_logps_recomputed"] == [0.0]
@@ -223,10 +223,6 @@ def test_code_tool_refuses_other_multi_turn_hooks(make_model, tokenizer, train_a
         )
 
 
-@pytest.mark.parametrize(("field", "value"), [("max_turns", 0), ("code_timeout", -1.0), ("code_memory_mb", 0)])
-def test_bad_limits_name_the_field(field, value):
-    with pytest.raises(ValueError, match=field):
-        ALPConfig(output_dir="/tmp/x", use_cpu=True, code_tool="python", **{field: value})
 
 
 @needs_sandbox
@@ -243,12 +239,6 @@ def test_eval_runs_the_same_multi_turn_loop(make_model, tokenizer):
         assert "```output\n7\n```" in text and "\\boxed{" in text and "cut" not in text
 
 
-def test_eval_refuses_the_tool_with_vllm(saved_model_dir, capsys):
-    from alp_trl.evaluate import main as eval_main
-
-    with pytest.raises(SystemExit):
-        eval_main([saved_model_dir, "--code-tool", "python", "--backend", "vllm"])
-    assert "--code-tool python runs with --backend transformers" in capsys.readouterr().err
 
 
 @needs_sandbox
