@@ -6,10 +6,14 @@ Regenerate the shipped files with:
 
 Every answer is computed from the problem, then checked twice: by evaluating the expression with a separate
 evaluator (Python's `ast`), and by math-verify, which must accept `\\boxed{answer}` against the gold answer.
+
+The splits share no expression: every expression (up to the order of the operands of `+` and `*`) belongs to exactly
+one split, by a hash of its canonical form (`expression_split`), so a test problem is never a train problem reworded.
 """
 
 import argparse
 import ast
+import hashlib
 import json
 import operator
 import random
@@ -54,6 +58,23 @@ def make_problem(rng: random.Random, level: str) -> dict:
     return {"problem": rng.choice(TEMPLATES).format(expr=expr), "answer": str(answer), "level": level, "expr": expr}
 
 
+TEST_SHARE = 0.2  # the share of the expression space that belongs to the test split
+
+
+def canonical_expression(expr: str) -> str:
+    """`expr` with the operands of a commutative operator in ascending order (`"5 + 2"` -> `"2 + 5"`)."""
+    a, op, b = expr.split()
+    if op in ("+", "*") and int(a) > int(b):
+        a, b = b, a
+    return f"{a} {op} {b}"
+
+
+def expression_split(expr: str) -> str:
+    """`"test"` for a fixed `TEST_SHARE` of the expressions, chosen by a hash of the canonical form, else `"train"`."""
+    digest = hashlib.sha256(canonical_expression(expr).encode()).digest()
+    return "test" if int.from_bytes(digest[:8], "big") / 2**64 < TEST_SHARE else "train"
+
+
 def verify_row(row: dict) -> None:
     """Raise if the gold answer is not the value of the expression, or if math-verify would not accept it."""
     from math_verify import parse, verify
@@ -66,14 +87,17 @@ def verify_row(row: dict) -> None:
         raise AssertionError(f"math-verify rejects the gold answer of {row}")
 
 
-def generate(num_rows: int, seed: int, mix: dict[str, float]) -> list[dict]:
+def generate(num_rows: int, seed: int, mix: dict[str, float], split: str | None = None) -> list[dict]:
+    """`num_rows` verified problems, levels drawn by `mix`; with `split`, only expressions of that split."""
     rng = random.Random(seed)
     levels, weights = zip(*mix.items())
     rows = []
-    for index in range(num_rows):
+    while len(rows) < num_rows:
         row = make_problem(rng, rng.choices(levels, weights)[0])
+        if split is not None and expression_split(row["expr"]) != split:
+            continue
         verify_row(row)
-        rows.append({"id": f"arith-{seed}-{index:05d}", **row})
+        rows.append({"id": f"arith-{seed}-{len(rows):05d}", **row})
     return rows
 
 
@@ -87,7 +111,7 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     mix = {"easy": 0.5, "medium": 0.35, "hard": 0.15}
     for split, rows, seed in (("train", args.train_rows, 0), ("test", args.test_rows, 1)):
-        data = generate(rows, seed, mix)
+        data = generate(rows, seed, mix, split)
         with open(out / f"{split}.jsonl", "w") as f:
             for row in data:
                 f.write(json.dumps(row) + "\n")
