@@ -11,11 +11,9 @@ markdown table (means over the last half of the steps, and worst values over the
 import argparse
 import json
 import os
-import subprocess
-import sys
-import time
 
 from .plots import load_history
+from .train_launch import launch_training_run
 
 
 _SEQ = ["--importance_sampling_level", "sequence"]
@@ -50,6 +48,27 @@ COLUMNS = {
 def _slug(method: str) -> str:
     """`"ALP (seq)"` -> `"alp_seq"`: the run folder of a method."""
     return "_".join("".join(c if c.isalnum() else " " for c in method.lower()).split())
+
+
+def run_args(args: argparse.Namespace) -> list[str]:
+    """The training flags every method's run shares (after its own flags and `--output_dir`)."""
+    return [
+        "--max_steps",
+        str(args.max_steps),
+        "--seed",
+        str(args.seed),
+        "--rollout_mismatch",
+        args.rollout_mismatch,
+        "--rollout_mismatch_std",
+        str(args.rollout_mismatch_std),
+        "--save_strategy",
+        "no",
+        "--auto_resume",
+        "false",
+        "--plot",
+        "false",
+        *args.overrides,
+    ]
 
 
 def reduce(history: list[dict], key: str, how: str) -> float | None:
@@ -116,39 +135,16 @@ def main(argv=None) -> dict:
 
     histories, timings = {}, {}
     for method in args.methods:
-        run_dir = os.path.join(args.out, _slug(method))
-        command = [
-            sys.executable,
-            "-m",
-            "alp_trl.train",
-            "--config",
+        run = launch_training_run(
             args.recipe,
-            *METHODS[method],
-            "--output_dir",
-            run_dir,
-            "--max_steps",
-            str(args.max_steps),
-            "--seed",
-            str(args.seed),
-            "--rollout_mismatch",
-            args.rollout_mismatch,
-            "--rollout_mismatch_std",
-            str(args.rollout_mismatch_std),
-            "--save_strategy",
-            "no",
-            "--auto_resume",
-            "false",
-            "--plot",
-            "false",
-            *args.overrides,
-        ]
-        if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
-            os.remove(os.path.join(run_dir, "metrics.jsonl"))
-        print(f"[compare] {method}: {' '.join(command[2:])}", flush=True)
-        start = time.time()
-        subprocess.run(command, check=True)
-        timings[method] = round(time.time() - start, 1)
-        histories[method] = load_history(run_dir)
+            os.path.join(args.out, _slug(method)),
+            run_args(args),
+            leading_args=METHODS[method],
+            check=True,
+            log_prefix=f"[compare] {method}: ",
+        )
+        timings[method] = round(run.seconds, 1)
+        histories[method] = load_history(run.output_dir)
 
     os.makedirs(args.out, exist_ok=True)
     markdown = table(histories)

@@ -21,6 +21,7 @@ import json
 import os
 import time
 from contextlib import nullcontext
+from typing import NamedTuple
 
 import torch
 
@@ -57,6 +58,20 @@ def attach_checkpoint_perturbation(model, path: str, sigma: float | None, layers
     return perturbation, f"fixed sigma={perturbation.sigma.flatten()[0].item():g}"
 
 
+class RolloutBatch(NamedTuple):
+    """One batch of rollouts: the left-padded prompts, the right-padded completions and the inference policy's
+    per-token log-probs of them (`(B, T)`, zero on padding)."""
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    rollout_logps: torch.Tensor
+
+    def to(self, device) -> "RolloutBatch":
+        return RolloutBatch(*(t.to(device) for t in self))
+
+
 def completion_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float):
     """Per-token log-probs (temperature-scaled, like the trainer's) of the completion tokens, `(B, T)`.
 
@@ -65,6 +80,26 @@ def completion_logps(model, prompt_ids, prompt_mask, completion_ids, completion_
     mask = torch.cat([prompt_mask, completion_mask], 1)
     logits = model(input_ids=ids, attention_mask=mask).logits[:, prompt_ids.size(1) - 1 : -1].float()
     return torch.log_softmax(logits / temperature, -1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+
+
+@torch.no_grad()
+def policy_logps(model, batches: list[RolloutBatch], perturbation, temperature: float, key: int = 0) -> torch.Tensor:
+    """The policy's per-token log-probs of every batch's completions, concatenated `(N, T)`; with `perturbation`
+    (else `None`) its noise is on, at step `key + i` for the i-th batch."""
+    parts = []
+    for step, batch in enumerate(batches):
+        with perturbation.active(step=key + step) if perturbation is not None else nullcontext():
+            parts.append(
+                completion_logps(
+                    model,
+                    batch.prompt_ids,
+                    batch.prompt_mask,
+                    batch.completion_ids,
+                    batch.completion_mask,
+                    temperature,
+                )
+            )
+    return torch.cat(parts)
 
 
 @torch.no_grad()
@@ -79,7 +114,7 @@ def sample_rollouts(
     mismatch_std: float,
     seed: int,
     batch_size: int,
-):
+) -> list[RolloutBatch]:
     """Sample completions from the (simulated) inference policy; returns padded tensors and its log-probs."""
     from .rollout_logprobs import sample_with_logprobs
 
@@ -114,34 +149,47 @@ def sample_rollouts(
             rollout_logps[row, : len(values)] = torch.tensor(values)
         device = enc.input_ids.device
         batches.append(
-            (
-                enc.input_ids,
-                enc.attention_mask,
-                completion.to(device),
-                completion_mask.to(device),
-                rollout_logps.to(device),
+            RolloutBatch(
+                prompt_ids=enc.input_ids,
+                prompt_mask=enc.attention_mask,
+                completion_ids=completion.to(device),
+                completion_mask=completion_mask.to(device),
+                rollout_logps=rollout_logps.to(device),
             )
         )
     return batches
 
 
-def pad_batches(batches):
+def pad_batches(batches: list[RolloutBatch]) -> list[RolloutBatch]:
     """Right-pad every batch's completion tensors to the widest completion, so they concatenate."""
-    width = max(b[2].size(1) for b in batches)
+    width = max(b.completion_ids.size(1) for b in batches)
+
+    def pad(t):
+        return torch.nn.functional.pad(t, (0, width - t.size(1)))
+
     return [
-        tuple(torch.nn.functional.pad(t, (0, width - t.size(1))) if i >= 2 else t for i, t in enumerate(b))
+        b._replace(
+            completion_ids=pad(b.completion_ids),
+            completion_mask=pad(b.completion_mask),
+            rollout_logps=pad(b.rollout_logps),
+        )
         for b in batches
     ]
 
 
-def group_advantages(tokenizer, batches, answers: list[str], num_generations: int, reward: str = "math"):
+def group_advantages(
+    tokenizer, batches: list[RolloutBatch], answers: list[str], num_generations: int, reward: str = "math"
+):
     """Rewards of every rollout and GRPO's group-normalised advantages split like `batches`. `reward="math"`:
     math-verify accuracy plus 0.1 for a `\\boxed{}` answer (so that groups differ even when no sample is right);
     `"diversity"`: distinct characters / 10 (for random test models, whose answers are never right)."""
     from .rewards import completion_text, grade, make_format_reward
 
     texts = tokenizer.batch_decode(
-        torch.cat([b[2] * b[3] + tokenizer.pad_token_id * (1 - b[3]) for b in batches]), skip_special_tokens=True
+        torch.cat(
+            [b.completion_ids * b.completion_mask + tokenizer.pad_token_id * (1 - b.completion_mask) for b in batches]
+        ),
+        skip_special_tokens=True,
     )
     if reward == "diversity":
         rewards = torch.tensor([len(set(t)) / 10 for t in texts], dtype=torch.float32)
@@ -154,7 +202,7 @@ def group_advantages(tokenizer, batches, answers: list[str], num_generations: in
         raise ValueError(f"`reward` got {reward!r}; allowed values are ['math', 'diversity'].")
     groups = rewards.view(-1, num_generations)
     advantages = ((groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + 1e-4)).flatten()
-    return rewards, list(advantages.split([b[2].size(0) for b in batches]))
+    return rewards, list(advantages.split([b.completion_ids.size(0) for b in batches]))
 
 
 def plot_envelopes(panels: dict[str, dict[str, list[dict]]], path: str, title: str) -> None:
@@ -193,7 +241,9 @@ def plot_envelopes(panels: dict[str, dict[str, list[dict]]], path: str, title: s
     plt.close(fig)
 
 
-def one_update(model, perturbation, batches, advantages, lr: float, temperature: float, perturbed: bool) -> None:
+def one_update(
+    model, perturbation, batches: list[RolloutBatch], advantages, lr: float, temperature: float, perturbed: bool
+) -> None:
     """One AdamW step on the Bypass (`perturbed=False`) or ALP objective over all rollouts (token-mean, clip 0.2/0.28,
     dual clip 10), like one training step of `ALPGRPOTrainer` with `loss_type="dapo"`. Starts from zero gradients and
     leaves none behind, so that successive updates from a restored state are independent."""
@@ -203,11 +253,13 @@ def one_update(model, perturbation, batches, advantages, lr: float, temperature:
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     model.zero_grad(set_to_none=True)
     model.train()
-    total_tokens = sum(int(b[3].sum()) for b in batches)
+    total_tokens = sum(int(b.completion_mask.sum()) for b in batches)
     for step, (batch, adv) in enumerate(zip(batches, advantages)):
         with perturbation.active(step=10_000 + step) if perturbed else nullcontext():
-            logps = completion_logps(model, *batch[:4], temperature)
-        mask, rollout = batch[3], batch[4]
+            logps = completion_logps(
+                model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask, temperature
+            )
+        mask, rollout = batch.completion_mask, batch.rollout_logps
         log_ratio = importance_log_ratio(logps, rollout, mask, "token", clamp=20.0)
         adv = adv.to(logps.device).unsqueeze(1)
         loss = clipped_surrogate(log_ratio, adv, 0.2, 0.28, dual_clip_c=10.0).per_token_loss
@@ -287,21 +339,15 @@ def main(argv=None) -> dict:
         args.batch_size,
     )
     batches = pad_batches(batches)
-    mask = torch.cat([b[3] for b in batches])
-    rollout = torch.cat([b[4] for b in batches])
-
-    def policy_logps(perturbed: bool, key: int) -> torch.Tensor:
-        parts = []
-        for step, (prompt_ids, prompt_mask, completion, completion_mask, _) in enumerate(batches):
-            with perturbation.active(step=key + step) if perturbed else nullcontext(), torch.no_grad():
-                parts.append(
-                    completion_logps(model, prompt_ids, prompt_mask, completion, completion_mask, args.temperature)
-                )
-        return torch.cat(parts)
+    mask = torch.cat([b.completion_mask for b in batches])
+    rollout = torch.cat([b.rollout_logps for b in batches])
 
     log_ratios = {}
-    clean = policy_logps(False, 0)
-    log_ratios["checkpoint"] = {"unperturbed": clean - rollout, "perturbed (ALP)": policy_logps(True, 0) - rollout}
+    clean = policy_logps(model, batches, None, args.temperature)
+    log_ratios["checkpoint"] = {
+        "unperturbed": clean - rollout,
+        "perturbed (ALP)": policy_logps(model, batches, perturbation, args.temperature) - rollout,
+    }
     report = {
         "model": args.model,
         "sigma_source": sigma_source,
@@ -329,10 +375,12 @@ def main(argv=None) -> dict:
             torch.manual_seed(args.seed)
             one_update(model, perturbation, batches, advantages, args.update_lr, args.temperature, perturbed)
             if perturbed:
-                after["ALP update: perturbed (its ratio)"] = policy_logps(True, 50_000) - rollout
-                after["ALP update: unperturbed"] = policy_logps(False, 0) - rollout
+                after["ALP update: perturbed (its ratio)"] = (
+                    policy_logps(model, batches, perturbation, args.temperature, key=50_000) - rollout
+                )
+                after["ALP update: unperturbed"] = policy_logps(model, batches, None, args.temperature) - rollout
             else:
-                after["Bypass update (its ratio)"] = policy_logps(False, 0) - rollout
+                after["Bypass update (its ratio)"] = policy_logps(model, batches, None, args.temperature) - rollout
         model.load_state_dict(start_state)
         log_ratios["after one update"] = after
 

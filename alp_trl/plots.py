@@ -25,7 +25,8 @@ def load_history(output_dir: str) -> list[dict]:
     raise FileNotFoundError(f"No {METRICS_FILE} or trainer_state.json found under {output_dir!r}.")
 
 
-def _series(history: list[dict], key: str) -> tuple[list[int], list[float]]:
+def metric_series(history: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """The (steps, values) of one metric over a history: records where it is a number (booleans and `None` skipped)."""
     steps, values = [], []
     for record in history:
         value = record.get(key)
@@ -89,7 +90,7 @@ def plot_training_curves(history: list[dict], out_dir: str, title: str | None = 
         keys = drawn_keys[name]
         drawn = 0
         for key in keys:
-            steps, values = _series(train, key)
+            steps, values = metric_series(train, key)
             if not steps:
                 continue
             label = key.removeprefix("alp/sigma/").removeprefix("alp/").removeprefix("rewards/").removeprefix("tools/")
@@ -101,7 +102,7 @@ def plot_training_curves(history: list[dict], out_dir: str, title: str | None = 
                 lw=1 if name == "sigma per layer" else 1.5,
             )
             drawn += 1
-        if drawn and log_scale and all(v > 0 for k in keys for v in _series(train, k)[1]):
+        if drawn and log_scale and all(v > 0 for k in keys for v in metric_series(train, k)[1]):
             ax.set_yscale("log")
         if not drawn:
             ax.text(0.5, 0.5, "not logged in this run", ha="center", va="center", transform=ax.transAxes)
@@ -121,7 +122,7 @@ def plot_training_curves(history: list[dict], out_dir: str, title: str | None = 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="alp-trl plot", description="Draw training curves of an alp_trl run.")
-    parser.add_argument("output_dir", help="the run's output_dir (holds metrics.jsonl or checkpoints)")
+    parser.add_argument("output_dir", help=f"the run's output_dir (holds {METRICS_FILE} or checkpoints)")
     parser.add_argument("--out", default=None, help="where to write the PNG files (default: OUTPUT_DIR/plots)")
     args = parser.parse_args(argv)
     try:

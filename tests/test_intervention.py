@@ -93,14 +93,16 @@ def test_ratio_statistics_on_known_log_ratios():
 def test_successive_updates_from_a_restored_state_are_independent():
     """Gradients left by one update must not leak into the next (they did: the ALP update of `diagnose` and every
     update of a study after the first carried the previous updates' gradients)."""
-    from alp_trl.intervention import one_update
+    from alp_trl.intervention import RolloutBatch, one_update
 
     model = build_tiny_causal_lm("qwen2", vocab_size=64, num_layers=2, hidden_size=16)
     start = {k: v.clone() for k, v in model.state_dict().items()}
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, 64, (4, 5), generator=g)
     completion = torch.randint(3, 64, (4, 6), generator=g)
-    batch = (prompt, torch.ones_like(prompt), completion, torch.ones_like(completion), torch.full((4, 6), -4.0))
+    batch = RolloutBatch(
+        prompt, torch.ones_like(prompt), completion, torch.ones_like(completion), torch.full((4, 6), -4.0)
+    )
     first, second = [torch.tensor([1.0, -1.0, 0.5, -0.5])], [torch.tensor([-0.2, 0.9, -1.0, 0.3])]
 
     def update(advantages):
@@ -113,3 +115,29 @@ def test_successive_updates_from_a_restored_state_are_independent():
     update(first)
     after_another = update(second)
     assert all(torch.equal(alone[k], after_another[k]) for k in alone)
+
+
+def test_rollout_batches_pad_to_one_width_and_give_the_policy_logps_by_field():
+    from alp_trl.intervention import RolloutBatch, completion_logps, pad_batches, policy_logps
+
+    model = build_tiny_causal_lm("qwen2", vocab_size=64, num_layers=2, hidden_size=16)
+    g = torch.Generator().manual_seed(0)
+
+    def batch(width):
+        prompt, completion = torch.randint(3, 64, (2, 4), generator=g), torch.randint(3, 64, (2, width), generator=g)
+        return RolloutBatch(
+            prompt_ids=prompt,
+            prompt_mask=torch.ones_like(prompt),
+            completion_ids=completion,
+            completion_mask=torch.ones_like(completion),
+            rollout_logps=torch.full((2, width), -1.0),
+        )
+
+    short, wide = pad_batches([batch(3), batch(5)])
+    assert isinstance(short, RolloutBatch) and short.completion_ids.shape == (2, 5)
+    assert short.completion_mask[:, 3:].sum() == 0 and short.rollout_logps[:, 3:].abs().sum() == 0, "zero padding"
+    assert torch.equal(short.prompt_ids, short.to("cpu").prompt_ids), "prompts are not padded"
+    logps = policy_logps(model, [short, wide], None, 1.0)
+    by_hand = completion_logps(model, *wide[:4], 1.0)
+    assert logps.shape == (4, 5) and not logps.requires_grad
+    torch.testing.assert_close(logps[2:], by_hand.detach())

@@ -7,7 +7,7 @@ import pytest
 
 from alp_trl.callbacks import METRICS_FILE, MetricsJsonlCallback
 from alp_trl.cli import main as cli_main
-from alp_trl.plots import load_history, plot_training_curves
+from alp_trl.plots import load_history, metric_series, plot_training_curves
 
 
 def _history(steps=5):
@@ -84,3 +84,14 @@ def test_tool_use_noise_survival_and_weight_panels():
     assert keys["noise survival (ALP)"] == ["alp/noise_survival"]
     assert keys["importance weights (train / rollout)"] == ["alp/is_weight_chi2"]
     assert keys["entropy"] == []
+
+
+def test_metric_series_keeps_the_numbers_of_one_metric():
+    history = [
+        {"step": 1, "reward": 0.5},
+        {"step": 2, "reward": None},
+        {"step": 3, "reward": True},
+        {"step": 4, "loss": 1.0},
+        {"step": 5, "reward": 2},
+    ]
+    assert metric_series(history, "reward") == ([1, 5], [0.5, 2.0]), "None and booleans are not values"

@@ -1,12 +1,17 @@
 """`alp-trl study`: a 2-point intervention grid and a 1-method training grid on the tiny model, 1 seed, resumable."""
 
+import ast
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
-from alp_trl import study
+from alp_trl import study, train_launch
+from alp_trl.intervention import RolloutBatch
 
 
 def _grid(tmp_path, model_dir, **extra) -> str:
@@ -58,6 +63,8 @@ def test_intervention_grid_runs_resumes_and_reports(tmp_path, saved_model_dir):
     assert "| logit_noise0.5 | absolute | 0.01 | all | 1 |" in text and "alp-trl study --grid" in text
     assert (tmp_path / "images" / "evidence_intervention.png").stat().st_size > 10_000
     assert "![intervention](images/evidence_intervention.png)" in text
+    cache = torch.load(out / "cache" / "iv__logit_noise0.5__seed0.pt", weights_only=False)
+    assert {type(b) for b in cache["batches"]} == {tuple}, "on disk the rollouts stay plain 5-tuples"
     # resumable: a second run does nothing new; a deleted unit is redone alone
     before = {p.name: p.stat().st_mtime for p in (out / "units").iterdir()}
     (out / "units" / "iv__logit_noise0.5__seed0__absolute-s0.5-all.json").unlink()
@@ -217,3 +224,58 @@ def test_the_committed_evidence_report_is_what_the_committed_units_and_grid_give
         "regenerate it: alp-trl study --grid studies/evidence_cpu.yaml --out docs/evidence "
         "--report docs/evidence.md --report-only"
     )
+
+
+def test_cached_rollouts_load_as_named_batches(tmp_path, saved_model_dir):
+    """A rollout cache on disk (plain 5-tuples, as every study wrote them) comes back as `RolloutBatch`es."""
+    context = study.InterventionContext({"model": saved_model_dir}, str(tmp_path))
+    fields = [torch.full((1, 2), float(i)) for i in range(5)]
+    (tmp_path / "cache").mkdir()
+    torch.save({"batches": [tuple(fields)], "temperature": 1.0}, tmp_path / "cache" / "iv__bf16__seed3.pt")
+    cached = context.cached_rollouts({"name": "iv"}, {"rollout_mismatch": "bf16"}, 3)
+    (batch,) = cached["batches"]
+    assert isinstance(batch, RolloutBatch) and torch.equal(batch.rollout_logps, fields[4])
+    assert torch.equal(batch.completion_mask, fields[3]) and torch.equal(batch.prompt_ids, fields[0])
+    assert context.cached_rollouts({"name": "iv"}, {"rollout_mismatch": "bf16"}, 3) is cached, "read once"
+
+
+def test_a_train_unit_launches_the_entry_point_with_the_grids_flags(tmp_path, monkeypatch):
+    """The command a training unit runs (and records), by value, through the launcher `compare` uses too."""
+    commands = []
+
+    def fake_run(command, **kwargs):
+        commands.append(command)
+        with open(train_launch.metrics_path(command[command.index("--output_dir") + 1]), "w") as f:
+            f.write(json.dumps({"step": 1, "grad_norm": 1.0, "alp/train_rollout_kl": 0.01, "reward": 0.5}) + "\n")
+        return subprocess.CompletedProcess(command, 0, stdout="", stderr="")
+
+    monkeypatch.setattr(train_launch.subprocess, "run", fake_run)
+    run_dir = tmp_path / "train" / "tr__ALP__seed1"
+    run_dir.mkdir(parents=True)
+    experiment = {
+        "recipe": "r.yaml",
+        "overrides": {"max_steps": 2, "reward_funcs": ["format"]},
+        "methods": {"ALP": {"off_policy_correction": "alp"}},
+    }
+    unit = {"id": "tr__ALP__seed1", "method": "ALP", "seed": 1}
+    result = study.run_train_unit({"model": "m"}, experiment, unit, str(tmp_path))
+    expected = "alp_trl.train --config r.yaml --model_name_or_path m --output_dir " + str(run_dir)
+    expected += " --seed 1 --auto_resume false --plot false --save_strategy no --max_steps 2"
+    expected += ' --reward_funcs ["format"] --off_policy_correction alp'
+    assert result["command"] == expected and commands[0][:2] == [sys.executable, "-m"]
+    assert result["summary"]["steps"] == 1 and result["history"][0]["reward"] == 0.5
+
+
+def test_the_study_package_imports_point_down():
+    """Each module of `alp_trl.study` imports only the modules before it (and `alp_trl` modules outside it)."""
+    order = ["grid", "intervention_units", "training_units", "figures", "report", "runner", "__init__", "__main__"]
+    folder = Path(study.__file__).parent
+    assert sorted(p.stem for p in folder.glob("*.py")) == sorted(order)
+    for index, module in enumerate(order):
+        tree = ast.parse((folder / f"{module}.py").read_text())
+        imported = {  # `from . import main` imports the package itself, `__init__`
+            node.module.split(".")[0] if node.module else "__init__"
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.level == 1
+        }
+        assert imported <= set(order[:index]), f"{module} imports {imported - set(order[:index])}"

@@ -1,0 +1,101 @@
+"""The figures of a study's report: the one-step intervention per engine, and the training curves of an experiment."""
+
+import statistics
+
+
+def plot_intervention(rows: list[dict], path: str) -> bool:
+    """Per engine: the perturbed / unperturbed envelope width ratio vs sigma (all layers, per noise scale), and the KL
+    to the rollout after one ALP update vs Bypass at the matched update size. Returns whether anything was drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    engines = sorted({row["key"][1] for row in rows if row["seeds"]})
+    if not engines:
+        return False
+    fig, axes = plt.subplots(2, len(engines), figsize=(6 * len(engines), 8), squeeze=False, constrained_layout=True)
+    for column, engine in enumerate(engines):
+        for scale, color in (("absolute", "tab:blue"), ("rms", "tab:orange")):
+            points = sorted(
+                (row["config"]["perturb_sigma_init"], row["seeds"])
+                for row in rows
+                if row["key"][1] == engine
+                and row["seeds"]
+                and row["config"]["perturb_layers"] == "all"
+                and row["config"]["perturb_noise_scale"] == scale
+            )
+            if not points:
+                continue
+            sigmas = [p[0] for p in points]
+            for ax, key, style in ((axes[0][column], "width_ratio", "-"), (axes[1][column], "alp_after_kl", "-")):
+                means = [statistics.mean(s[key] for s in seeds) for _, seeds in points]
+                ax.plot(sigmas, means, style, marker="o", color=color, label=f"{scale}: ALP")
+            matched = [
+                [s["bypass_matched_kl"] for s in seeds if s["bypass_matched_kl"] is not None] for _, seeds in points
+            ]
+            xs = [x for x, m in zip(sigmas, matched) if m]
+            if xs:
+                axes[1][column].plot(
+                    xs,
+                    [statistics.mean(m) for m in matched if m],
+                    "--",
+                    marker="x",
+                    color=color,
+                    label=f"{scale}: Bypass, matched update size",
+                )
+        axes[0][column].axhline(1.0, color="k", lw=0.8)
+        axes[0][column].set_title(f"{engine}: envelope width, perturbed / unperturbed")
+        axes[1][column].set_title(f"{engine}: KL to the rollout after one update")
+        for ax in (axes[0][column], axes[1][column]):
+            ax.set_xscale("log")
+            ax.set_xlabel("sigma")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+TRAINING_PANELS = (
+    ("reward", "reward"),
+    ("alp/train_rollout_kl", "train-rollout KL (k3)"),
+    ("grad_norm", "grad norm"),
+    ("entropy", "entropy"),
+)
+
+
+def plot_training(records: list[dict], path: str) -> bool:
+    """One panel per measure, one colour per method: every seed as a thin line, the mean over seeds thick."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..plots import metric_series
+
+    runs = [r for r in records if r.get("status") == "ok" and (r.get("result") or {}).get("history")]
+    if not runs:
+        return False
+    methods = list(dict.fromkeys(r["unit"]["method"] for r in runs))
+    fig, axes = plt.subplots(
+        1, len(TRAINING_PANELS), figsize=(4.5 * len(TRAINING_PANELS), 3.8), constrained_layout=True
+    )
+    colors = plt.get_cmap("tab10")
+    for index, method in enumerate(methods):
+        color = colors(index % 10)
+        histories = [r["result"]["history"] for r in runs if r["unit"]["method"] == method]
+        for ax, (key, title) in zip(axes, TRAINING_PANELS):
+            curves = [dict(zip(*metric_series(history, key))) for history in histories]
+            for curve in curves:
+                ax.plot(list(curve), list(curve.values()), color=color, lw=0.6, alpha=0.35)
+            steps = sorted(set().union(*curves))
+            means = [statistics.mean(c[step] for c in curves if step in c) for step in steps]
+            ax.plot(steps, means, color=color, lw=2, label=method if ax is axes[0] else None)
+            ax.set_title(title)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

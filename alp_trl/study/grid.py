@@ -1,0 +1,120 @@
+"""A study's grid file: its validation, the perturbation configs of an intervention experiment, and the plan of
+units of work with their stable ids."""
+
+import itertools
+
+
+BASE_MODEL = "base model (not trained)"  # the `method` of the untrained model's evaluation unit
+
+
+def load_grid(path: str) -> dict:
+    """Read and validate a grid file; errors name the key."""
+    import yaml
+
+    with open(path) as f:
+        grid = yaml.safe_load(f) or {}
+    for key in ("model", "seeds", "experiments"):
+        if key not in grid:
+            raise ValueError(f"The grid {path} needs `{key}`.")
+    if not isinstance(grid["seeds"], list) or not grid["seeds"]:
+        raise ValueError("`seeds` must be a non-empty list of integers.")
+    for index, experiment in enumerate(grid["experiments"]):
+        kind = experiment.get("kind")
+        if kind not in ("intervention", "train"):
+            raise ValueError(
+                f"`experiments[{index}].kind` got {kind!r}; allowed values are ['intervention', 'train']."
+            )
+        if "name" not in experiment:
+            raise ValueError(f"`experiments[{index}]` needs a `name`.")
+        if kind == "train" and not experiment.get("methods"):
+            raise ValueError(f"`experiments[{index}].methods` must name at least one method.")
+    return grid
+
+
+def perturbation_configs(spec: dict) -> list[dict]:
+    """The perturbation configs of an intervention: the cartesian `product` of its lists, then the explicit `list`."""
+    configs = []
+    product = spec.get("product") or {}
+    if product:
+        keys = list(product)
+        for values in itertools.product(*(product[k] for k in keys)):
+            configs.append(dict(zip(keys, values)))
+    configs += list(spec.get("list") or [])
+    for config in configs:
+        config.setdefault("perturb_noise_scale", "absolute")
+        config.setdefault("perturb_layers", "all")
+    return configs
+
+
+def slug(value) -> str:
+    """A file-name-safe form of a name: letters, digits, `.` and `-` kept, anything else `_`."""
+    return "".join(c if c.isalnum() or c in ".-" else "_" for c in str(value))
+
+
+def engine_id(engine: dict) -> str:
+    kind = engine.get("rollout_mismatch", "none")
+    std = engine.get("rollout_mismatch_std")
+    return kind if not std else f"{kind}{std:g}"
+
+
+def config_id(config: dict) -> str:
+    layers = slug(config["perturb_layers"])
+    return f"{config['perturb_noise_scale']}-s{config['perturb_sigma_init']:g}-{layers}".replace("+", "")
+
+
+def plan_units(grid: dict) -> list[dict]:
+    """Every unit of work of a grid, in order, with a stable id (the name of its result file)."""
+    units = []
+    for experiment in grid["experiments"]:
+        name = experiment["name"]
+        for seed in experiment.get("seeds", grid["seeds"]):
+            if experiment["kind"] == "intervention":
+                for engine in experiment["engines"]:
+                    base = f"{name}__{engine_id(engine)}__seed{seed}"
+                    units.append(
+                        {
+                            "id": f"{base}__bypass",
+                            "type": "bypass_curve",
+                            "experiment": name,
+                            "engine": engine,
+                            "seed": seed,
+                        }
+                    )
+                    for config in perturbation_configs(experiment["perturbations"]):
+                        units.append(
+                            {
+                                "id": f"{base}__{config_id(config)}",
+                                "type": "perturbation",
+                                "experiment": name,
+                                "engine": engine,
+                                "seed": seed,
+                                "config": config,
+                            }
+                        )
+            else:
+                if experiment.get("eval"):  # the untrained model's held-out accuracy, the reference for the runs
+                    units.append(
+                        {
+                            "id": f"{name}__base_model__seed{seed}",
+                            "type": "eval_base",
+                            "experiment": name,
+                            "method": BASE_MODEL,
+                            "seed": seed,
+                        }
+                    )
+                for method in experiment["methods"]:
+                    units.append(
+                        {
+                            "id": f"{name}__{slug(method)}__seed{seed}",
+                            "type": "train",
+                            "experiment": name,
+                            "method": method,
+                            "seed": seed,
+                        }
+                    )
+    return units
+
+
+def only_experiments(units: list[dict], only: list[str] | None) -> list[dict]:
+    """The units of the experiments named in `only` (`--only`); all of them when it names none."""
+    return [u for u in units if u["experiment"] in only] if only else units

@@ -1,0 +1,214 @@
+"""The units of an `intervention` experiment: the model and the cached rollouts they share, one perturbation config
+measured before and after one ALP update, one Bypass curve, and Bypass interpolated at ALP's update size."""
+
+import math
+import os
+
+import torch
+
+from ..data import DEFAULT_PROMPT_TEMPLATE
+from ..intervention import RolloutBatch, group_advantages, one_update, pad_batches, policy_logps, sample_rollouts
+from .grid import engine_id
+
+
+class InterventionContext:
+    """The model (loaded once) and the cached rollouts of each (engine, seed) of an intervention experiment."""
+
+    def __init__(self, grid: dict, out_dir: str):
+        self.grid, self.out_dir = grid, out_dir
+        self.model = self.tokenizer = self.clean_state = None
+        self.rollouts = {}
+
+    def load_model(self):
+        if self.model is None:
+            from ..models import load_policy
+
+            dtype = getattr(torch, self.grid.get("dtype", "float32"))
+            self.model, self.tokenizer = load_policy(self.grid["model"], dtype)
+            self.model.to(self.grid.get("device", "cpu"))
+            self.clean_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        return self.model, self.tokenizer
+
+    def cached_rollouts(self, experiment: dict, engine: dict, seed: int) -> dict:
+        """Rollouts of one engine and seed (sampled once, cached on disk), the clean policy's log-probs, advantages.
+
+        On disk the batches are plain 5-tuples, as they always were; in memory they are `RolloutBatch`es."""
+        key = (experiment["name"], engine_id(engine), seed)
+        if key in self.rollouts:
+            return self.rollouts[key]
+        model, tokenizer = self.load_model()
+        path = os.path.join(self.out_dir, "cache", f"{key[0]}__{key[1]}__seed{seed}.pt")
+        if os.path.exists(path):
+            cached = torch.load(path, weights_only=False, map_location=self.grid.get("device", "cpu"))
+            cached["batches"] = [RolloutBatch(*batch) for batch in cached["batches"]]
+        else:
+            cached = sample_intervention_batch(model, tokenizer, experiment.get("data", {}), engine, seed)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            torch.save({**cached, "batches": [tuple(batch) for batch in cached["batches"]]}, path)
+        self.rollouts[key] = cached
+        return cached
+
+    def restore(self):
+        self.model.load_state_dict(self.clean_state)
+        self.model.eval()
+
+
+def sample_intervention_batch(model, tokenizer, data: dict, engine: dict, seed: int) -> dict:
+    from ..data import build_prompts, load_split
+
+    raw = load_split(data.get("dataset", "builtin:arithmetic"), split=data.get("split", "test"))
+    raw = raw.select(range(min(data.get("num_prompts", 8), len(raw))))
+    prepared = build_prompts(
+        raw,
+        data.get("problem_column", "problem"),
+        data.get("answer_column", "answer"),
+        data.get("prompt_template", DEFAULT_PROMPT_TEMPLATE),
+        conversational=tokenizer.chat_template is not None,
+    )
+    num_generations = data.get("num_generations", 4)
+    torch.manual_seed(seed)
+    batches = pad_batches(
+        sample_rollouts(
+            model,
+            tokenizer,
+            prepared["prompt"],
+            num_generations,
+            data.get("max_new_tokens", 32),
+            data.get("temperature", 1.0),
+            engine.get("rollout_mismatch", "none"),
+            engine.get("rollout_mismatch_std", 0.0),
+            seed,
+            data.get("batch_size", 16),
+        )
+    )
+    answers = [a for a in prepared["answer"] for _ in range(num_generations)]
+    rewards, advantages = group_advantages(tokenizer, batches, answers, num_generations, data.get("reward", "math"))
+    clean = policy_logps(model, batches, None, data.get("temperature", 1.0))
+    return {
+        "batches": batches,
+        "advantages": advantages,
+        "rewards": rewards,
+        "clean": clean,
+        "temperature": data.get("temperature", 1.0),
+        "num_generations": num_generations,
+    }
+
+
+def log_ratio_summary(log_ratio: torch.Tensor, mask: torch.Tensor) -> dict:
+    """The envelope of a token log-ratio over the masked-in tokens: quantiles, its width p99 - p1, |log r| tail, KL."""
+    values = log_ratio[mask.bool()].float()
+    q = torch.quantile(values, torch.tensor([0.01, 0.05, 0.5, 0.95, 0.99], device=values.device))
+    return {
+        "p01": float(q[0]),
+        "p05": float(q[1]),
+        "p50": float(q[2]),
+        "p95": float(q[3]),
+        "p99": float(q[4]),
+        "width_p01_p99": float(q[4] - q[0]),
+        "abs_p99": float(torch.quantile(values.abs(), 0.99)),
+        "kl_k3": float((values.exp() - 1 - values).mean()),
+    }
+
+
+def measure_update_size(before: torch.Tensor, after: torch.Tensor, mask: torch.Tensor) -> dict:
+    """The size of an update from the policy's log-probs before and after it: KL(before || after), the k3 estimate on
+    the rollout tokens (samples of the rollout ~ the policy before the update), and the reverse k3."""
+    return {
+        "update_size_kl": log_ratio_summary(after - before, mask)["kl_k3"],
+        "update_size_reverse_k3": log_ratio_summary(before - after, mask)["kl_k3"],
+    }
+
+
+def _unit_rollouts(context: InterventionContext, experiment: dict, unit: dict):
+    """The cached rollouts of a unit's engine and seed: (cache, batches, temperature, completion mask, rollout logps)."""
+    cached = context.cached_rollouts(experiment, unit["engine"], unit["seed"])
+    batches = cached["batches"]
+    mask = torch.cat([b.completion_mask for b in batches])
+    rollout = torch.cat([b.rollout_logps for b in batches])
+    return cached, batches, cached["temperature"], mask, rollout
+
+
+def run_perturbation_unit(context: InterventionContext, experiment: dict, unit: dict) -> dict:
+    from ..perturbation import LayerwisePerturbation
+
+    cached, batches, temperature, mask, rollout = _unit_rollouts(context, experiment, unit)
+    model = context.model
+    config = unit["config"]
+    context.restore()
+    perturbation = LayerwisePerturbation.attach(
+        model,
+        layers=config["perturb_layers"],
+        sigma_init=config["perturb_sigma_init"],
+        noise_scale=config["perturb_noise_scale"],
+        learnable=False,
+        seed=unit["seed"],
+    )
+    try:
+        clean = cached["clean"]
+        perturbed = policy_logps(model, batches, perturbation, temperature)
+        result = {  # "unperturbed" is also the engine's own mismatch to the clean policy
+            "unperturbed": log_ratio_summary(clean - rollout, mask),
+            "perturbed": log_ratio_summary(perturbed - rollout, mask),
+        }
+        lr = experiment.get("update_lr", 1e-5)
+        torch.manual_seed(unit["seed"])
+        one_update(model, perturbation, batches, cached["advantages"], lr, temperature, perturbed=True)
+        after = policy_logps(model, batches, None, temperature)
+        after_perturbed = policy_logps(model, batches, perturbation, temperature, key=50_000)
+        result["alp_update"] = {
+            "lr": lr,
+            **measure_update_size(clean, after, mask),
+            "unperturbed_vs_rollout": log_ratio_summary(after - rollout, mask),
+            "perturbed_vs_rollout": log_ratio_summary(after_perturbed - rollout, mask),
+        }
+    finally:
+        perturbation.detach()
+        context.restore()
+    return result
+
+
+def run_bypass_unit(context: InterventionContext, experiment: dict, unit: dict) -> dict:
+    """Bypass updates at several learning rates: (update size, distance to the rollout after) points."""
+    cached, batches, temperature, mask, rollout = _unit_rollouts(context, experiment, unit)
+    model = context.model
+    clean = cached["clean"]
+    base_lr = experiment.get("update_lr", 1e-5)
+    points = []
+    for multiplier in experiment.get("bypass_lr_multipliers", [0.5, 1, 2]):
+        context.restore()
+        torch.manual_seed(unit["seed"])
+        one_update(model, None, batches, cached["advantages"], base_lr * multiplier, temperature, perturbed=False)
+        after = policy_logps(model, batches, None, temperature)
+        points.append(
+            {
+                "lr": base_lr * multiplier,
+                **measure_update_size(clean, after, mask),
+                "vs_rollout": log_ratio_summary(after - rollout, mask),
+            }
+        )
+    context.restore()
+    return {
+        "engine_mismatch": log_ratio_summary(clean - rollout, mask),
+        "reward_mean": float(cached["rewards"].mean()),
+        "points": points,
+    }
+
+
+def matched_bypass(points: list[dict], update_size: float, key: str = "kl_k3") -> float | None:
+    """Bypass's distance to the rollout (`vs_rollout[key]`) at the given update size, interpolated between its measured
+    points as a power law (linear in log-log: a distance proportional to the update size, as when the engine is close
+    to the policy, is interpolated exactly); `None` outside their range."""
+    pts = sorted(
+        (p["update_size_kl"], p["vs_rollout"][key])
+        for p in points
+        if p["update_size_kl"] > 0 and p["vs_rollout"][key] > 0
+    )
+    if update_size <= 0 or not pts or not pts[0][0] <= update_size <= pts[-1][0]:
+        return None
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= update_size <= x1:
+            if x1 == x0:
+                return y0
+            t = (math.log(update_size) - math.log(x0)) / (math.log(x1) - math.log(x0))
+            return math.exp(math.log(y0) + t * (math.log(y1) - math.log(y0)))
+    return pts[0][1]

@@ -1,0 +1,232 @@
+"""A study's markdown report (docs/evidence.md): the setup, the one-step intervention table (mean ± std over seeds),
+each training experiment's table by method, every run, and the failed units; the figures beside it in `images/`."""
+
+import math
+import os
+import statistics
+
+from .figures import plot_intervention, plot_training
+from .grid import BASE_MODEL, config_id, engine_id, slug
+from .intervention_units import matched_bypass
+from .training_units import training_summaries
+
+
+def mean_std(values: list[float]) -> str:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return f"{values[0]:.4g}"
+    return f"{statistics.mean(values):.4g} ± {statistics.stdev(values):.2g}"
+
+
+def intervention_rows(records: list[dict]) -> list[dict]:
+    """One row per (experiment, engine, perturbation config): the seeds' values side by side."""
+    bypass = {
+        (r["unit"]["experiment"], engine_id(r["unit"]["engine"]), r["unit"]["seed"]): r["result"]["points"]
+        for r in records
+        if r["unit"]["type"] == "bypass_curve" and r.get("status") == "ok"
+    }
+    rows = {}
+    for record in records:
+        unit = record["unit"]
+        if unit["type"] != "perturbation":
+            continue
+        key = (unit["experiment"], engine_id(unit["engine"]), config_id(unit["config"]))
+        row = rows.setdefault(key, {"key": key, "config": unit["config"], "seeds": [], "failed": [], "pending": []})
+        if record.get("status") == "failed":
+            row["failed"].append(unit["seed"])
+        if record.get("status") != "ok":
+            if record.get("status") != "failed":
+                row["pending"].append(unit["seed"])
+            continue
+        res = record["result"]
+        alp = res["alp_update"]
+        points = bypass.get((unit["experiment"], engine_id(unit["engine"]), unit["seed"]), [])
+        row["seeds"].append(
+            {
+                "seed": unit["seed"],
+                "engine_kl": res["unperturbed"]["kl_k3"],
+                "width_unperturbed": res["unperturbed"]["width_p01_p99"],
+                "width_perturbed": res["perturbed"]["width_p01_p99"],
+                "width_ratio": res["perturbed"]["width_p01_p99"] / max(res["unperturbed"]["width_p01_p99"], 1e-12),
+                "kl_perturbed": res["perturbed"]["kl_k3"],
+                "alp_update_size": alp["update_size_kl"],
+                "alp_after_kl": alp["unperturbed_vs_rollout"]["kl_k3"],
+                "bypass_matched_kl": matched_bypass(points, alp["update_size_kl"]),
+            }
+        )
+    return list(rows.values())
+
+
+def _own_seeds(grid: dict) -> str:
+    own = [f"{e['name']}: {e['seeds']}" for e in grid["experiments"] if "seeds" in e]
+    return f" ({'; '.join(own)})" if own else ""
+
+
+def write_report(results: dict, path: str, command: str) -> None:
+    """The markdown report: setup, every intervention row (mean ± std over seeds), every training run."""
+    records, grid = results["records"], results["grid"]
+    image_dir = os.path.join(os.path.dirname(os.path.abspath(path)), "images")
+    lines = [
+        *_setup_section(results, command),
+        *_conclusion_section(grid),
+        *_intervention_section(records, image_dir),
+        *_training_section(records, grid, image_dir),
+        *_failed_section(records),
+    ]
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+
+
+def _setup_section(results: dict, command: str) -> list[str]:
+    """The title, how to reproduce, the grid, the machines and how far the study got."""
+    records, grid = results["records"], results["grid"]
+    done = [r for r in records if r.get("status") == "ok"]
+    failed = [r for r in records if r.get("status") == "failed"]
+    missing = [r for r in records if r.get("status") == "not run"]
+    machines = sorted({r.get("machine", "?") for r in done})
+    seconds = sum(r.get("seconds", 0) for r in records)
+    return [
+        "# Evidence: what ALP does on this repository's models",
+        "",
+        f"Reproduce: `{command}` (resumable; `make study`). Grid: `{results['grid_path']}`, model "
+        f"`{grid['model']}`, seeds {grid['seeds']}{_own_seeds(grid)}. Machine(s): {'; '.join(machines) or 'n/a'}. "
+        f"Units: {len(done)} done, {len(failed)} failed, {len(missing)} not run yet; {seconds / 60:.1f} min of "
+        "compute in the finished units.",
+        "",
+    ]
+
+
+def _conclusion_section(grid: dict) -> list[str]:
+    """The conclusion, written by hand in the grid file from the tables below, and dated there."""
+    if not grid.get("conclusion"):
+        return []
+    return ["## Conclusion", "", grid["conclusion"].strip(), ""]
+
+
+def _intervention_section(records: list[dict], image_dir: str) -> list[str]:
+    """The one-step intervention: its figure and one table row per (engine, perturbation config)."""
+    rows = intervention_rows(records)
+    if not rows:
+        return []
+    os.makedirs(image_dir, exist_ok=True)
+    drawn = plot_intervention(rows, os.path.join(image_dir, "evidence_intervention.png"))
+    return [
+        "## One-step intervention",
+        "",
+        *(["![intervention](images/evidence_intervention.png)", ""] if drawn else []),
+        "Per engine and perturbation (mean ± std over seeds): the width p99 - p1 of the token log-ratio training vs "
+        "rollout without noise and with it (ratio < 1: the perturbed envelope is narrower), the perturbed ratio's "
+        "KL to the rollout, and after one ALP update the unperturbed policy's KL to the rollout beside Bypass's "
+        "at the same update size (KL before -> after; interpolated as a power law between Bypass updates at "
+        "several learning rates; n/a when ALP's update size is outside their range).",
+        "",
+        "| engine | noise | sigma | layers | seeds | engine KL | width clean | width perturbed | ratio | "
+        "KL perturbed | ALP update size | ALP after: KL to rollout | Bypass, matched size |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *(_intervention_row(row) for row in rows),
+        "",
+    ]
+
+
+def _intervention_row(row: dict) -> str:
+    seeds, config = row["seeds"], row["config"]
+
+    def col(name):
+        return mean_std([s[name] for s in seeds])
+
+    label = f"{len(seeds)}" + (f" (failed: {row['failed']})" if row["failed"] else "")
+    label += f" (not run yet: {row['pending']})" if row["pending"] else ""
+    return (
+        f"| {row['key'][1]} | {config['perturb_noise_scale']} | {config['perturb_sigma_init']:g} | "
+        f"{config['perturb_layers']} | {label} | {col('engine_kl')} | {col('width_unperturbed')} | "
+        f"{col('width_perturbed')} | {col('width_ratio')} | {col('kl_perturbed')} | "
+        f"{col('alp_update_size')} | {col('alp_after_kl')} | {col('bypass_matched_kl')} |"
+    )
+
+
+def _training_section(records: list[dict], grid: dict, image_dir: str) -> list[str]:
+    """Per training experiment its figure and table by method, then every run."""
+    train = [r for r in records if r["unit"]["type"] in ("train", "eval_base")]
+    if not train:
+        return []
+    experiments = {e["name"]: e for e in grid["experiments"]}
+    summaries = training_summaries(train, experiments)
+    os.makedirs(image_dir, exist_ok=True)
+    lines = ["## Training runs", ""]
+    for name, experiment in experiments.items():
+        runs = [r for r in train if r["unit"]["experiment"] == name]
+        if runs:
+            lines += _experiment_table(name, experiment, runs, summaries, image_dir)
+    return lines + _every_run_table(train, summaries)
+
+
+def _experiment_table(name: str, experiment: dict, runs: list[dict], summaries: dict, image_dir: str) -> list[str]:
+    """One training experiment: its figure and one row per method (the untrained model first, when evaluated)."""
+    drawn = plot_training(runs, os.path.join(image_dir, f"evidence_{slug(name)}.png"))
+    lines = [
+        f"### {name}",
+        "",
+        *([f"![{name}](images/evidence_{slug(name)}.png)", ""] if drawn else []),
+        f"Per method, mean ± std over the seeds that finished. A spike is a step whose train-rollout KL "
+        f"exceeds {experiment.get('spike_kl', 0.05):g} or whose grad norm exceeds "
+        f"{experiment.get('spike_grad_norm', 10.0):g} (or is not finite). Under ALP the train side of the "
+        "train-rollout KL is the perturbed policy; under Token-/Seq-MIS (rejection by dropping) the KL and the entropy "
+        "are over the tokens the rejection keeps. Late reward: the mean over the second half of the steps.",
+        "",
+        "| method | seeds ok | failed | max train-rollout KL | max grad norm | spike frac | final reward | "
+        "late reward | best reward | min entropy | final entropy | held-out avg@k |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    has_base = any(r["unit"]["type"] == "eval_base" for r in runs)
+    methods = [BASE_MODEL, *experiment["methods"]] if has_base else experiment["methods"]
+    return lines + [_method_row(method, runs, summaries) for method in methods] + [""]
+
+
+def _method_row(method: str, runs: list[dict], summaries: dict) -> str:
+    ok = [summaries[id(r)] for r in runs if r["unit"]["method"] == method and r.get("status") == "ok"]
+    bad = [r["unit"]["seed"] for r in runs if r["unit"]["method"] == method and r.get("status") == "failed"]
+
+    def agg(key):
+        return mean_std([s.get(key) for s in ok])
+
+    return (
+        f"| {method} | {len(ok)} | {bad or ''} | {agg('max_train_rollout_kl')} | {agg('max_grad_norm')} | "
+        f"{agg('spike_frac')} | {agg('final_reward')} | {agg('late_reward')} | {agg('best_reward')} | "
+        f"{agg('min_entropy')} | {agg('final_entropy')} | {agg('eval_avg_at_k')} |"
+    )
+
+
+def _every_run_table(train: list[dict], summaries: dict) -> list[str]:
+    return [
+        "Every run:",
+        "",
+        "| experiment | method | seed | status | steps | max train-rollout KL | max grad norm | spike frac | "
+        "final reward | best reward | held-out avg@k | seconds |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *(_run_row(record, summaries[id(record)]) for record in train),
+        "",
+    ]
+
+
+def _run_row(record: dict, summary: dict) -> str:
+    unit = record["unit"]
+
+    def cell(key):
+        value = summary.get(key)
+        return "n/a" if value is None else f"{value:.4g}"
+
+    return (
+        f"| {unit['experiment']} | {unit['method']} | {unit['seed']} | {record.get('status')} | "
+        f"{cell('steps')} | {cell('max_train_rollout_kl')} | {cell('max_grad_norm')} | {cell('spike_frac')} | "
+        f"{cell('final_reward')} | {cell('best_reward')} | {cell('eval_avg_at_k')} | "
+        f"{record.get('seconds', 'n/a')} |"
+    )
+
+
+def _failed_section(records: list[dict]) -> list[str]:
+    failed = [r for r in records if r.get("status") == "failed"]
+    if not failed:
+        return []
+    return ["## Failed units", ""] + [f"- `{r['unit']['id']}`: {r.get('error')}" for r in failed] + [""]

@@ -1,0 +1,92 @@
+"""Running a study: every unit not yet done, each result written atomically as it lands, then `results.json`
+collected from the stored units (a unit without a result is listed as `not run`)."""
+
+import json
+import os
+import platform
+import time
+import traceback
+
+import torch
+
+from .grid import load_grid, only_experiments, plan_units
+from .intervention_units import InterventionContext, run_bypass_unit, run_perturbation_unit
+from .training_units import run_base_eval_unit, run_train_unit
+
+
+def run_study(grid_path: str, out_dir: str, only: list[str] | None = None) -> dict:
+    """Run every unit not yet done (each result written as it lands), then collect `results.json`."""
+    from tqdm.auto import tqdm
+
+    grid = load_grid(grid_path)
+    units = only_experiments(plan_units(grid), only)
+    experiments = {e["name"]: e for e in grid["experiments"]}
+    runs_dir = os.path.join(out_dir, "units")
+    os.makedirs(runs_dir, exist_ok=True)
+    context = InterventionContext(grid, out_dir)
+    todo = [u for u in units if not os.path.exists(os.path.join(runs_dir, f"{u['id']}.json"))]
+    bar = tqdm(total=len(units), initial=len(units) - len(todo), desc="study", unit="run")
+    for unit in todo:
+        bar.set_postfix_str(unit["id"][-60:])
+        record = run_unit(context, grid, experiments[unit["experiment"]], unit, out_dir)
+        write_json_atomically(os.path.join(runs_dir, f"{unit['id']}.json"), record)
+        bar.update(1)
+    bar.close()
+    return collect(grid, grid_path, out_dir, units)
+
+
+def run_unit(context: InterventionContext, grid: dict, experiment: dict, unit: dict, out_dir: str) -> dict:
+    """The record of one unit: its result, or its error and traceback when it failed (a failed run is recorded and
+    shown, never dropped), with the machine, the start time and the seconds it took."""
+    start = time.time()
+    record = {"unit": unit, "machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    try:
+        if unit["type"] == "perturbation":
+            record["result"] = run_perturbation_unit(context, experiment, unit)
+        elif unit["type"] == "bypass_curve":
+            record["result"] = run_bypass_unit(context, experiment, unit)
+        elif unit["type"] == "eval_base":
+            record["result"] = run_base_eval_unit(grid, experiment, unit, out_dir)
+        else:
+            record["result"] = run_train_unit(grid, experiment, unit, out_dir)
+        record["status"] = "ok"
+    except Exception as error:
+        record["status"] = "failed"
+        record["error"] = f"{type(error).__name__}: {error}"
+        record["traceback"] = traceback.format_exc()[-3000:]
+    record["seconds"] = round(time.time() - start, 1)
+    return record
+
+
+def write_json_atomically(path: str, value) -> None:
+    """Write through a temporary file and rename it: an interrupted write never leaves a half file."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f)
+    os.replace(path + ".tmp", path)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return f"{platform.node()} ({cpu}, {os.cpu_count()} cores, {gpu}), torch {torch.__version__}"
+
+
+def load_records(out_dir: str, units: list[dict]) -> list[dict]:
+    """Each unit's stored result, or a `not run` record where it has none yet."""
+    records = []
+    for unit in units:
+        path = os.path.join(out_dir, "units", f"{unit['id']}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                records.append(json.load(f))
+        else:
+            records.append({"unit": unit, "status": "not run"})
+    return records
+
+
+def collect(grid: dict, grid_path: str, out_dir: str, units: list[dict]) -> dict:
+    results = {"grid": grid, "grid_path": grid_path, "records": load_records(out_dir, units)}
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(results, f)
+    return results

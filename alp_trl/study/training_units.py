@@ -1,0 +1,104 @@
+"""The units of a `train` experiment: one training run of the entry point per method and seed, the held-out
+evaluation of it and of the untrained model, and the stress measures summarised from a run's metrics."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+from ..train_launch import launch_training_run
+
+
+def run_train_unit(grid: dict, experiment: dict, unit: dict, out_dir: str) -> dict:
+    from ..plots import load_history
+
+    run_dir = os.path.join(out_dir, "train", unit["id"])
+    overrides = {**experiment.get("overrides", {}), **experiment["methods"][unit["method"]]}
+    args = ["--seed", str(unit["seed"]), "--auto_resume", "false", "--plot", "false", "--save_strategy", "no"]
+    for key, value in overrides.items():
+        args += [f"--{key}", json.dumps(value) if isinstance(value, (dict, list)) else str(value)]
+    run = launch_training_run(
+        experiment["recipe"],
+        run_dir,
+        args,
+        leading_args=["--model_name_or_path", grid["model"]],
+        capture_output=True,
+    )
+    if run.returncode != 0:
+        raise RuntimeError(f"exit {run.returncode}: {run.stderr[-2000:]}")
+    history = load_history(run_dir)
+    summary = summarize_training(history, experiment)
+    if experiment.get("eval"):  # held-out accuracy of the trained model, with the evaluation the users run
+        summary["eval_avg_at_k"] = run_eval(run_dir, os.path.join(run_dir, "eval"), unit["seed"], experiment["eval"])
+    return {"command": run.logged_command, "summary": summary, "history": history}
+
+
+def run_eval(model: str, eval_dir: str, seed: int, evaluation: dict) -> float:
+    """`alp-trl eval` of `model` with the experiment's `eval` settings; returns the overall avg@k."""
+    command = [sys.executable, "-m", "alp_trl.evaluate", model, "--out", eval_dir, "--seed", str(seed)]
+    command += ["--benchmarks", *evaluation.get("benchmarks", ["arithmetic"])]
+    for key in ("k", "limit", "max_new_tokens", "temperature"):
+        if key in evaluation:
+            command += [f"--{key.replace('_', '-')}", str(evaluation[key])]
+    proc = subprocess.run(command, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"evaluation failed, exit {proc.returncode}: {proc.stderr[-2000:]}")
+    with open(os.path.join(eval_dir, "eval_results.json")) as f:
+        results = json.load(f)["results"]
+    overall = results.get("overall", next(iter(results.values())))
+    return next(v for k, v in overall.items() if k.startswith("avg@"))
+
+
+def run_base_eval_unit(grid: dict, experiment: dict, unit: dict, out_dir: str) -> dict:
+    eval_dir = os.path.join(out_dir, "train", unit["id"], "eval")
+    return {"summary": {"eval_avg_at_k": run_eval(grid["model"], eval_dir, unit["seed"], experiment["eval"])}}
+
+
+def summarize_training(history: list[dict], experiment: dict) -> dict:
+    """The stress measures of one training run: largest train-rollout KL and grad norm, the fraction of spike steps
+    (KL above `spike_kl` or grad norm above `spike_grad_norm`), final and best reward."""
+
+    def series(key):
+        return [r[key] for r in history if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+
+    kl, grad, reward = series("alp/train_rollout_kl"), series("grad_norm"), series("reward")
+    entropy = series("entropy")
+    if not kl:
+        kl = series("rollout_mismatch/kl_k3")
+    spike_kl, spike_grad = experiment.get("spike_kl", 0.05), experiment.get("spike_grad_norm", 10.0)
+    steps = [r for r in history if "grad_norm" in r]
+    spikes = [
+        r
+        for r in steps
+        if (r.get("alp/train_rollout_kl") or 0) > spike_kl
+        or not math.isfinite(r.get("grad_norm", 0))
+        or r.get("grad_norm", 0) > spike_grad
+    ]
+    tail = reward[len(reward) // 2 :] if reward else []
+    return {
+        "steps": len(steps),
+        "max_train_rollout_kl": max(kl) if kl else None,
+        "max_grad_norm": max(grad) if grad else None,
+        "spike_frac": len(spikes) / len(steps) if steps else None,
+        "final_reward": reward[-1] if reward else None,
+        "best_reward": max(reward) if reward else None,
+        "late_reward": sum(tail) / len(tail) if tail else None,
+        "min_entropy": min(entropy) if entropy else None,
+        "final_entropy": entropy[-1] if entropy else None,
+        "nonfinite_steps": (steps[-1].get("train/nonfinite_steps") if steps else None),
+    }
+
+
+def training_summaries(records: list[dict], experiments: dict) -> dict:
+    """Each training record's summary, recomputed from its stored history with the grid's current spike thresholds
+    (the held-out accuracy is kept from the run); keyed by `id(record)`."""
+    summaries = {}
+    for record in records:
+        result = record.get("result") or {}
+        summary = dict(result.get("summary", {}))
+        experiment = experiments.get(record["unit"]["experiment"])
+        if result.get("history") and experiment is not None:
+            summary.update(summarize_training(result["history"], experiment))
+        summaries[id(record)] = summary
+    return summaries
