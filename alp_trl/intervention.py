@@ -241,29 +241,56 @@ def plot_envelopes(panels: dict[str, dict[str, list[dict]]], path: str, title: s
     plt.close(fig)
 
 
-def one_update(
-    model, perturbation, batches: list[RolloutBatch], advantages, lr: float, temperature: float, perturbed: bool
-) -> None:
-    """One AdamW step on the Bypass (`perturbed=False`) or ALP objective over all rollouts (token-mean, clip 0.2/0.28,
-    dual clip 10), like one training step of `ALPGRPOTrainer` with `loss_type="dapo"`. Starts from zero gradients and
-    leaves none behind, so that successive updates from a restored state are independent."""
-    from .objectives import aggregate_loss, clipped_surrogate, importance_log_ratio
+def update_loss(
+    model,
+    perturbation,
+    batch: RolloutBatch,
+    advantages: torch.Tensor,
+    settings,
+    num_items: float,
+    temperature: float,
+    noise_step: int | None = None,
+) -> torch.Tensor:
+    """The policy loss of one rollout batch, as `ALPGRPOTrainer` computes it for the first update on a generation
+    batch (`objectives.policy_loss` with the config's `settings`, DAPO's token sum over `num_items`): the numerator
+    runs with the perturbation's noise of `noise_step` when `noise_step` is not None (ALP), the old policy is the
+    current one (detached). Differentiable."""
+    from .objectives import aggregate_policy_loss, policy_loss
 
+    with perturbation.active(step=noise_step) if noise_step is not None else nullcontext():
+        logps = completion_logps(
+            model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask, temperature
+        )
+    loss = policy_loss(logps, batch.rollout_logps, advantages.to(logps.device), batch.completion_mask, settings)
+    return aggregate_policy_loss(loss, settings, num_items=num_items)[0]
+
+
+def one_update(
+    model,
+    perturbation,
+    batches: list[RolloutBatch],
+    advantages,
+    lr: float,
+    temperature: float,
+    perturbed: bool,
+    settings=None,
+) -> None:
+    """One AdamW step on the ALP (`perturbed=True`) or Bypass objective over all rollouts, with the loss of
+    `ALPGRPOTrainer` (`update_loss`) and the config values of `settings` (`objectives.PolicyLossSettings`; default:
+    `ALPConfig`'s defaults, the correction set by `perturbed`) and the token sum over all rollouts (DAPO). Starts from
+    zero gradients and leaves none behind, so that successive updates from a restored state are independent."""
+    from .objectives import PolicyLossSettings
+
+    if settings is None:
+        settings = PolicyLossSettings(off_policy_correction="alp" if perturbed else "bypass")
     params = [p for n, p in model.named_parameters() if "alp_perturbation" not in n]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     model.zero_grad(set_to_none=True)
     model.train()
     total_tokens = sum(int(b.completion_mask.sum()) for b in batches)
     for step, (batch, adv) in enumerate(zip(batches, advantages)):
-        with perturbation.active(step=10_000 + step) if perturbed else nullcontext():
-            logps = completion_logps(
-                model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask, temperature
-            )
-        mask, rollout = batch.completion_mask, batch.rollout_logps
-        log_ratio = importance_log_ratio(logps, rollout, mask, "token", clamp=20.0)
-        adv = adv.to(logps.device).unsqueeze(1)
-        loss = clipped_surrogate(log_ratio, adv, 0.2, 0.28, dual_clip_c=10.0).per_token_loss
-        aggregate_loss(loss, mask, "dapo", num_items=total_tokens).backward()
+        noise_step = 10_000 + step if perturbed else None
+        update_loss(model, perturbation, batch, adv, settings, total_tokens, temperature, noise_step).backward()
     optimizer.step()
     model.zero_grad(set_to_none=True)
     model.eval()

@@ -141,3 +141,84 @@ def test_rollout_batches_pad_to_one_width_and_give_the_policy_logps_by_field():
     by_hand = completion_logps(model, *wide[:4], 1.0)
     assert logps.shape == (4, 5) and not logps.requires_grad
     torch.testing.assert_close(logps[2:], by_hand.detach())
+
+
+@pytest.mark.parametrize("correction", ["alp", "bypass", "token_mis", "seq_mis", "tis", "seq_tis", "ppo"])
+def test_diagnose_update_loss_equals_the_trainers_loss(make_model, tokenizer, prompt_dataset, tmp_path, correction):
+    """`alp-trl diagnose` / the study optimise the trainer's objective: for every correction, the loss of
+    `intervention.update_loss` with `PolicyLossSettings.from_config(config)` equals `ALPGRPOTrainer._compute_loss` on
+    the same batch (same noise under ALP), and so do the gradients."""
+    from alp_trl.intervention import RolloutBatch, update_loss
+    from alp_trl.objectives import PolicyLossSettings
+
+    from .helpers import build_trainer, tiny_config
+
+    config = tiny_config(
+        tmp_path,
+        off_policy_correction=correction,
+        epsilon=0.1,
+        epsilon_high=0.15,
+        dual_clip_c=3.0,
+        mis_threshold=1.5,
+        perturb_sigma_init=0.05,
+    )
+    trainer = build_trainer(make_model(), tokenizer, prompt_dataset, config)
+    model = trainer.model
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(3, 200, (4, 5), generator=g)
+    completion = torch.randint(3, 200, (4, 6), generator=g)
+    completion_mask = torch.ones_like(completion)
+    completion_mask[1, 4:] = 0
+    prompt_mask = torch.ones_like(prompt)
+    prompt_mask[2, :2] = 0
+    with torch.no_grad():
+        from alp_trl.intervention import completion_logps
+
+        current = completion_logps(model, prompt, prompt_mask, completion, completion_mask, 1.0)
+    rollout = current + 0.5 * torch.randn(current.shape, generator=g)  # an engine far enough off for MIS / TIS
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.7])
+    inputs = {
+        "prompt_ids": prompt,
+        "prompt_mask": prompt_mask,
+        "completion_ids": completion,
+        "completion_mask": completion_mask,
+        "advantages": advantages,
+        "sampling_per_token_logps": rollout,
+        "num_items_in_batch": completion_mask.sum().float(),
+    }
+    if config.correction.reads_old_logps:
+        inputs["old_per_token_logps"] = current
+
+    model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    model.zero_grad(set_to_none=True)
+    trained = trainer._compute_loss(model, inputs)
+    trained.backward()
+    trainer_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model.zero_grad(set_to_none=True)
+    batch = RolloutBatch(prompt, prompt_mask, completion, completion_mask, rollout)
+    settings = PolicyLossSettings.from_config(config)
+    noise_step = 0 if correction == "alp" else None  # the trainer's noise at optimizer step 0, micro-step 0
+    diagnosed = update_loss(
+        model, trainer.perturbation, batch, advantages, settings, completion_mask.sum().item(), 1.0, noise_step
+    )
+    diagnosed.backward()
+    torch.testing.assert_close(diagnosed, trained, atol=1e-6, rtol=1e-5)
+    assert trained.abs() > 1e-4, "a loss that is not trivially 0"
+    for name, grad in trainer_grads.items():
+        torch.testing.assert_close(model.get_parameter(name).grad, grad, atol=1e-6, rtol=1e-4, msg=name)
+    if correction == "alp":  # the noise matters: without it the loss differs
+        plain = update_loss(
+            model, trainer.perturbation, batch, advantages, settings, completion_mask.sum().item(), 1.0
+        )
+        assert (plain - trained).abs() > 1e-5
+
+
+def test_policy_loss_settings_default_to_alpconfig(tmp_path):
+    """The diagnose default (`PolicyLossSettings()`) is `ALPConfig`'s default objective, value by value."""
+    from alp_trl.objectives import PolicyLossSettings
+
+    from .helpers import tiny_config
+
+    assert PolicyLossSettings.from_config(tiny_config(tmp_path)) == PolicyLossSettings(max_completion_length=8)
