@@ -1,20 +1,26 @@
 """`ALPGRPOTrainer`: TRL's `GRPOTrainer` with Adaptive Layerwise Perturbation and the off-policy baselines.
 
-The trainer is a list of "here we differ from GRPOTrainer, because ...":
+The trainer is a list of "here we differ from GRPOTrainer, because ..."; what each override needs lives in the module
+named for it:
 
-- `__init__`: attaches `LayerwisePerturbation` to the policy (ALP only);
-- `_generate_single_turn`: with transformers generation, records the sampling log-probs while `generate` runs, so the
-  rollout denominator costs no extra forward pass (vLLM already returns them);
-- `_generate_and_score_completions`: guarantees a rollout denominator and counts NaN rollout log-probs; for ALP and
-  Bypass, skips TRL's old-policy forward pass (they never read it);
-- `_compute_loss`: the policy-update forward runs with the noise on, then the math of `objectives.py`;
+- `__init__`: attaches `LayerwisePerturbation` to the policy (ALP only; `perturbation.py`), builds its own vLLM engine
+  where TRL's cannot run (`vllm_engine.py`);
+- `_generate` / `_generate_single_turn`: with transformers generation, records the sampling log-probs while `generate`
+  runs (`rollout_logprobs.py`), so the rollout denominator costs no extra forward pass (vLLM returns them); sigma
+  stays out of the vLLM weight sync;
+- `_generate_and_score_completions`: guarantees a rollout denominator, attaches the MIS / TIS weight and logs the
+  engine's mismatch (`rollout_denominator.py`); for ALP and Bypass, skips TRL's old-policy forward pass;
+- `_get_per_token_logps_and_entropies`: the sampler's truncation replayed on the numerator (`sampling_replay.py`);
+- `_compute_loss`: the policy-update forward runs with the noise on, then the one policy loss of `objectives.py`
+  (`policy_loss`, `corrections.py` says what each correction divides by) and its metrics (`loss_metrics.py`);
 - `training_step` / `_prepare_inputs`: the update step keeps cuDNN SDPA out where its backward returns NaN
   (`attention_backend.py`); generation keeps PyTorch's choice;
 - `_get_grad_norm`: the non-finite guard (`nonfinite_guard.py`): a step with a NaN/inf loss or gradient norm on any
   rank never reaches the optimizer, the LR scheduler or sigma;
 - `create_optimizer`: sigma gets its own parameter group (`perturb_lr`, no weight decay);
-- `save_model` / `_save` / `_load_from_checkpoint`: sigma goes to a side file (DeepSpeed's float32 master copy under
-  DeepSpeed), never into the model weights; FSDP checkpoints keep it and load it natively.
+- `save_model` / `_save` / `_load_from_checkpoint` / `create_model_card`: sigma goes to a side file (DeepSpeed's
+  float32 master copy under DeepSpeed), never into the model weights; FSDP checkpoints keep it and load it natively
+  (`sigma_persistence.py`).
 """
 
 import copy
@@ -32,22 +38,19 @@ from .attention_backend import (
     update_excludes_cudnn_sdpa,
 )
 from .config import ALPConfig
-from .loss_metrics import log_policy_update, log_rollout_correction, log_sigma, reduce_named_scalars
+from .loss_metrics import log_policy_update, log_sigma, reduce_named_scalars
 from .nonfinite_guard import NonFiniteStepGuard, guard_optimizer_step
 from .objectives import (
     PolicyLossSettings,
     aggregate_policy_loss,
     entropy_bonus_term,
     policy_loss,
-    rollout_correction,
 )
 from .perturbation import MODULE_NAME, LayerwisePerturbation, deepspeed_fp32_master
-from .ratio_statistics import mismatch_statistics
+from .rollout_denominator import RolloutDenominator
 from .rollout_logprobs import (
     RecordingMismatch,
     capture_generation_logprobs,
-    missing_rollout_logps_warning,
-    rollout_logprobs_misalignment,
 )
 from .rollout_mismatch import simulated_sampler
 from .sampling_replay import SamplingTruncation, replayed_forward, truncated_sampling_warning
@@ -143,8 +146,7 @@ class ALPGRPOTrainer(GRPOTrainer):
             self.use_vllm = True
             self.vllm_generation = build_vllm_generation(self)
             self._last_loaded_step = -1
-        self._warned_missing_rollout_logps = False
-        self._rollout_logps_problem: str | None = None
+        self._rollout_denominator = RolloutDenominator(args)  # the ratio's denominator per generation batch
         self.recipe_text = recipe_text  # the training recipe, recorded in the model card
         self._log_sigma_to_save: torch.Tensor | None = None  # DeepSpeed's float32 sigma while `save_model` runs
         self._last_sigma_per_layer: dict[int, float] | None = None  # the last logged sigma, for the model card
@@ -184,7 +186,7 @@ class ALPGRPOTrainer(GRPOTrainer):
         """TRL's generation (single turn, tool / environment loops, `rollout_func`), then a check that the rollout
         log-probs line up with the completions TRL assembled; if they do not, they are dropped, and
         `_generate_and_score_completions` recomputes them with one noise-free forward pass (with a warning)."""
-        self._rollout_logps_problem = None
+        self._rollout_denominator.start_batch()
         # TRL pushes `model.named_parameters()` to vLLM before generating: sigma must never be part of that sync
         # (vLLM has no such weight), so the perturbation submodule is out of the model while it runs.
         unregistered = self.perturbation.unregistered() if self.use_vllm and self.perturbation is not None else None
@@ -198,10 +200,7 @@ class ALPGRPOTrainer(GRPOTrainer):
         if not self._records_rollout_logps:
             return result
         prompt_ids, completion_ids, tool_mask, completions, logprobs, extra_fields, images, tool_images = result
-        problem = self._rollout_logps_problem or rollout_logprobs_misalignment(completion_ids, logprobs, tool_mask)
-        if problem is not None:
-            self._rollout_logps_problem = problem
-            logprobs = None
+        logprobs = self._rollout_denominator.check(completion_ids, logprobs, tool_mask)
         return prompt_ids, completion_ids, tool_mask, completions, logprobs, extra_fields, images, tool_images
 
     @contextmanager
@@ -249,7 +248,7 @@ class ALPGRPOTrainer(GRPOTrainer):
         except RecordingMismatch as mismatch:
             # e.g. a custom `generate` that does not run the hooked forward pass. Placeholders of the right lengths
             # keep TRL's tool-loop stitching intact; `_generate` then drops the whole batch's log-probs.
-            self._rollout_logps_problem = self._rollout_logps_problem or f"the log-prob recorder: {mismatch}"
+            self._rollout_denominator.note_problem(f"the log-prob recorder: {mismatch}")
             return completion_ids, [[float("nan")] * len(ids) for ids in completion_ids]
 
     def _generate_and_score_completions(self, inputs):
@@ -257,59 +256,14 @@ class ALPGRPOTrainer(GRPOTrainer):
             output = super()._generate_and_score_completions(inputs)
         if not self._records_rollout_logps:
             return output
-        args, accelerator = self.args, self.accelerator
-        mask = output["completion_mask"]
-        if "tool_mask" in output:
-            mask = mask * output["tool_mask"]
-        metrics = self._metrics["train" if self.model.training else "eval"]
-        missing = "sampling_per_token_logps" not in output
-        # A forward pass is a collective under FSDP2 / ZeRO-3: if any rank recomputes, all of them run it.
-        any_missing = accelerator.reduce(torch.tensor(float(missing), device=accelerator.device), "sum").item() > 0
-        metrics["alp/rollout_logps_recomputed"].append(float(missing))
-        unperturbed = output.get("old_per_token_logps")  # TRL's old-policy log-probs, when it computed them
-        if any_missing:
-            recomputed = self._unperturbed_policy_logps(output)
-            unperturbed = recomputed if unperturbed is None else unperturbed
-            if missing:
-                if not self._warned_missing_rollout_logps:
-                    logger.warning(missing_rollout_logps_warning(self._rollout_logps_problem, args))
-                    self._warned_missing_rollout_logps = True
-                output["sampling_per_token_logps"] = recomputed
-        rollout = output["sampling_per_token_logps"]
-        nan_count = (torch.isnan(rollout) & mask.bool()).sum().float()
-        totals = accelerator.reduce(torch.stack([nan_count, mask.sum().float()]), reduction="sum")
-        metrics["alp/rollout_logp_nan_frac"].append((totals[0] / totals[1].clamp(min=1.0)).item())
-
-        if args.correction.has_rollout_weight:
-            # The auxiliary weight pi_old / pi_rollout is fixed for the whole generation batch (the old policy is the
-            # one that generated it), so it is computed here, once, as verl does: a rejection can then leave the
-            # loss's global denominator (`num_items_in_batch`) too.
-            if unperturbed is None:
-                unperturbed = self._unperturbed_policy_logps(output)
-            self._attach_rollout_weight(output, unperturbed, rollout, mask, metrics)
-        if args.rollout_mismatch != "none" or args.log_rollout_mismatch:
-            # The engine's distance from the unperturbed policy (the simulator's, vLLM's, transformers generation's).
-            if unperturbed is None:
-                unperturbed = self._unperturbed_policy_logps(output)
-            stats = mismatch_statistics(unperturbed, rollout, mask)
-            named = {f"rollout_mismatch/{k}": (v, "max" if k.endswith("_max") else "mean") for k, v in stats.items()}
-            for name, value in reduce_named_scalars(accelerator, named).items():
-                metrics[name].append(value)
-        if args.correction.is_trl_loss and args.rollout_mismatch == "none" and not self.use_vllm:
-            # metrics-only (`log_rollout_mismatch`): TRL's loss must not see log-probs it would not have had
-            output.pop("sampling_per_token_logps", None)
+        self._rollout_denominator.complete(
+            output,
+            lambda: self._unperturbed_policy_logps(output),
+            self.accelerator,
+            self._metrics["train" if self.model.training else "eval"],
+            keep_for_trl_loss=self.args.rollout_mismatch != "none" or self.use_vllm,
+        )
         return output
-
-    def _attach_rollout_weight(self, output, old_logps, rollout_logps, mask, metrics) -> None:
-        """The MIS / TIS weight and rejection of a generation batch (`objectives.rollout_correction`), stored in the
-        batch for `_compute_loss`; rejected tokens leave `num_items_in_batch` (`mis_rejection="drop"`)."""
-        spec = self.args.rollout_correction_kwargs()
-        corr = rollout_correction(old_logps, rollout_logps, mask, **spec)
-        output["old_per_token_logps"] = old_logps
-        output["rollout_is_weight"], output["rollout_keep"] = corr.weight, corr.keep
-        if self.args.mis_rejection == "drop":
-            output["num_items_in_batch"] = self.accelerator.gather((mask.float() * corr.keep).sum()).sum()
-        log_rollout_correction(self.accelerator, metrics, corr, mask, spec)
 
     def _get_per_token_logps_and_entropies(
         self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False, **kwargs

@@ -3,16 +3,14 @@ denominator without the rejected tokens, TRL's `vllm_importance_sampling_mode` a
 importance-weight diagnostics by value, and the metrics-only mode of plain GRPO."""
 
 import copy
-import math
 
 import pytest
 import torch
 
 from alp_trl import ALPConfig
-from alp_trl.ratio_statistics import importance_weight_sums, weight_diagnostics
 
-from .conftest import alp_trainer
-from .fakes import attach_fake_vllm
+from .doubles import attach_fake_vllm
+from .helpers import build_trainer
 
 
 def _engine_batch(trainer, prompt_dataset, logit_noise=0.4):
@@ -35,7 +33,7 @@ def test_rejected_tokens_leave_the_dapo_denominator_with_drop(
         loss_type="dapo",
         dual_clip_c=None,
     )
-    trainer = alp_trainer(make_model(), tokenizer, prompt_dataset, args)
+    trainer = build_trainer(make_model(), tokenizer, prompt_dataset, args)
     output = _engine_batch(trainer, prompt_dataset)
     mask = output["completion_mask"].float()
     old, rollout = output["old_per_token_logps"], output["sampling_per_token_logps"]
@@ -80,7 +78,7 @@ def test_equal_to_trl_vllm_importance_sampling_where_the_definitions_coincide(
     of the fake vLLM engine: the same loss and gradients."""
     low, high = (0.8, 1.25) if "token" in trl_mode else (0.5, 2.0)
     model = make_model()
-    trl = alp_trainer(
+    trl = build_trainer(
         copy.deepcopy(model),
         tokenizer,
         prompt_dataset,
@@ -96,7 +94,7 @@ def test_equal_to_trl_vllm_importance_sampling_where_the_definitions_coincide(
     trl.use_vllm = True  # TRL's own vLLM branch: old log-probs and the IS ratio
     output = _engine_batch(trl, prompt_dataset, logit_noise=0.4 if "token" in trl_mode else 0.1)
     assert "importance_sampling_ratio" in output
-    ours = alp_trainer(
+    ours = build_trainer(
         copy.deepcopy(model),
         tokenizer,
         prompt_dataset,
@@ -114,8 +112,13 @@ def test_equal_to_trl_vllm_importance_sampling_where_the_definitions_coincide(
     ours.current_gradient_accumulation_steps = 1
     mask = output["completion_mask"]
     batch = {k: v for k, v in output.items() if k != "importance_sampling_ratio"}
-    ours._attach_rollout_weight(
-        batch, batch["old_per_token_logps"], batch["sampling_per_token_logps"], mask, ours._metrics["train"]
+    ours._rollout_denominator.attach_rollout_weight(
+        batch,
+        batch["old_per_token_logps"],
+        batch["sampling_per_token_logps"],
+        mask,
+        ours.accelerator,
+        ours._metrics["train"],
     )
     ratio = output["importance_sampling_ratio"]
     fired = (ratio == 0) | (ratio == low) | (ratio == high)
@@ -133,11 +136,9 @@ def test_equal_to_trl_vllm_importance_sampling_where_the_definitions_coincide(
         torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=0, msg=name)
 
 
-
-
 def test_trainer_logs_the_weight_diagnostics_by_value(make_model, tokenizer, prompt_dataset, train_args):
     args = ALPConfig(**train_args, off_policy_correction="bypass")
-    trainer = alp_trainer(make_model(), tokenizer, prompt_dataset, args)
+    trainer = build_trainer(make_model(), tokenizer, prompt_dataset, args)
     output = _engine_batch(trainer, prompt_dataset)
     trainer._compute_loss(trainer.model, output)
     mask = output["completion_mask"].bool()
@@ -157,7 +158,7 @@ def test_metrics_only_mode_logs_the_mismatch_and_leaves_trl_loss_alone(
     is logged (equal to the hand-computed k3 KL), and the loss is TRL's, bit for bit, as without the switch."""
     model = make_model()
     trainers = [
-        alp_trainer(
+        build_trainer(
             copy.deepcopy(model),
             tokenizer,
             prompt_dataset,
@@ -184,7 +185,7 @@ def test_metrics_only_mode_logs_the_mismatch_and_leaves_trl_loss_alone(
 
 def test_metrics_only_mode_measures_a_real_engine_mismatch(make_model, tokenizer, prompt_dataset, train_args):
     args = ALPConfig(**train_args, off_policy_correction="none", log_rollout_mismatch=True)
-    trainer = alp_trainer(make_model(), tokenizer, prompt_dataset, args)
+    trainer = build_trainer(make_model(), tokenizer, prompt_dataset, args)
     output = _engine_batch(trainer, prompt_dataset, logit_noise=0.5)
     mask = output["completion_mask"].bool()
     d = (_policy_logps(trainer, output) - output["sampling_per_token_logps"])[mask]
