@@ -176,16 +176,32 @@ def test_zero_learnable_sigma_warns(tmp_path, caplog):
     assert "perturb_sigma_init=0" in caplog.text and "will stay 0" in caplog.text
 
 
-def test_the_trainer_refuses_a_plain_grpo_config(make_model, tokenizer, prompt_dataset, tmp_path):
-    from trl import GRPOConfig
+def test_bad_cudnn_sdpa_backward_is_refused_naming_the_field():
+    with pytest.raises(
+        ValueError, match=r"`cudnn_sdpa_backward` got 'never'; allowed values are \['auto', 'on', 'off'\]"
+    ):
+        ALPConfig(output_dir="/tmp/x", cudnn_sdpa_backward="never", use_cpu=True, bf16=False)
 
-    from alp_trl import ALPGRPOTrainer
 
-    with pytest.raises(TypeError, match=r"needs an ALPConfig, got GRPOConfig"):
-        ALPGRPOTrainer(
-            model=make_model(),
-            reward_funcs=lambda completions, **k: [0.0] * len(completions),
-            args=GRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none"),
-            train_dataset=prompt_dataset,
-            processing_class=tokenizer,
-        )
+def test_rollout_mismatch_fields_are_validated(tmp_path):
+    with pytest.raises(ValueError, match="rollout_mismatch_std"):
+        ALPConfig(output_dir=str(tmp_path), use_cpu=True, rollout_mismatch="logit_noise")
+    with pytest.raises(ValueError, match="rollout_mismatch"):
+        ALPConfig(output_dir=str(tmp_path), use_cpu=True, rollout_mismatch="tpu")
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, True])
+def test_max_consecutive_nonfinite_steps_is_validated(value):
+    with pytest.raises(ValueError, match="max_consecutive_nonfinite_steps"):
+        ALPConfig(output_dir="/tmp/x", max_consecutive_nonfinite_steps=value, use_cpu=True, bf16=False)
+
+
+@pytest.mark.parametrize(("field", "value"), [("max_turns", 0), ("code_timeout", -1.0), ("code_memory_mb", 0)])
+def test_bad_code_tool_limits_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        ALPConfig(output_dir="/tmp/x", use_cpu=True, code_tool="python", **{field: value})
+
+
+def test_vllm_dtype_is_checked(tmp_path):
+    with pytest.raises(ValueError, match=r"vllm_dtype.*\['auto', 'float32', 'bfloat16', 'float16'\]"):
+        ALPConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", vllm_dtype="fp8")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .conftest import accelerate_launch, launch_machines, tiny_recipe
+from .helpers import accelerate_launch, launch_machines, tiny_recipe
 
 
 REPO = Path(__file__).resolve().parents[1]

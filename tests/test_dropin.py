@@ -10,10 +10,10 @@ import torch
 from datasets import Dataset
 from trl.chat_template_utils import qwen2_5_chat_template
 
-from alp_trl import ALPConfig, ALPGRPOTrainer
+from alp_trl import ALPConfig
 
-from .conftest import alp_trainer, diversity_reward, named_params
 from .doubles import GenerateThenAlter, GenerateWithoutHookedForward, ScriptedGenerate
+from .helpers import build_trainer, named_params
 
 
 def _changed(before: dict, model) -> set[str]:
@@ -40,7 +40,7 @@ def test_sync_ref_model_mixes_the_weights_without_sigma(
         ref_model_mixup_alpha=alpha,
         perturb_sigma_init=0.05,
     )
-    trainer = alp_trainer(saved_model_dir, tokenizer, prompt_dataset, args)  # by name: TRL loads the reference
+    trainer = build_trainer(saved_model_dir, tokenizer, prompt_dataset, args)  # by name: TRL loads the reference
     ref_before = named_params(trainer.ref_model)
     seen = []
 
@@ -82,7 +82,7 @@ def test_decoding_that_does_not_sample_is_refused_with_a_correction(kwargs, corr
 
 def test_beam_search_still_trains_with_plain_grpo(make_model, tokenizer, prompt_dataset, train_args):
     args = ALPConfig(**train_args, off_policy_correction="none", generation_kwargs={"num_beams": 2})
-    trainer = alp_trainer(make_model(), tokenizer, prompt_dataset, args)
+    trainer = build_trainer(make_model(), tokenizer, prompt_dataset, args)
     before = named_params(trainer.model)
     trainer.train()
     assert "model.layers.0.mlp.up_proj.weight" in _changed(before, trainer.model)
@@ -110,7 +110,7 @@ def test_unusable_recordings_fall_back_to_one_clean_forward(
     of the policy; `alp/rollout_logps_recomputed` says so, and training goes on."""
     model = make_model()
     args = ALPConfig(**train_args, perturb_sigma_init=0.05)
-    trainer = alp_trainer(model, tokenizer, prompt_dataset, args)
+    trainer = build_trainer(model, tokenizer, prompt_dataset, args)
     if alteration == "unhooked":
         model.generate = GenerateWithoutHookedForward(copy.deepcopy(model))
     else:
@@ -129,7 +129,7 @@ def test_unusable_recordings_fall_back_to_one_clean_forward(
 
 def test_recorded_logprobs_are_used_when_they_line_up(make_model, tokenizer, prompt_dataset, train_args):
     """The control of the test above: plain generation is recorded, not recomputed (no extra forward pass)."""
-    trainer = alp_trainer(make_model(), tokenizer, prompt_dataset, ALPConfig(**train_args))
+    trainer = build_trainer(make_model(), tokenizer, prompt_dataset, ALPConfig(**train_args))
     trainer.model.train()
     output = trainer._generate_and_score_completions(_first_batch(trainer))
     assert trainer._metrics["train"]["alp/rollout_logps_recomputed"] == [0.0]
@@ -140,7 +140,7 @@ def test_recorded_logprobs_are_used_when_they_line_up(make_model, tokenizer, pro
 
 def test_mask_truncated_completions_trains_with_alp(make_model, tokenizer, prompt_dataset, train_args):
     args = ALPConfig(**{**train_args, "max_completion_length": 24}, mask_truncated_completions=True)
-    trainer = alp_trainer(make_model(), tokenizer, prompt_dataset, args)
+    trainer = build_trainer(make_model(), tokenizer, prompt_dataset, args)
     before = named_params(trainer.model)
     trainer.train()
     logged = [r for r in trainer.state.log_history if "alp/rollout_logps_recomputed" in r]
@@ -228,12 +228,12 @@ def test_multi_turn_logprobs_line_up_with_completion_ids_and_tool_mask(make_mode
     def final_answer_reward(completions, **kwargs):  # the digit of the last message: differs by row
         return [float(c[-1]["content"].rstrip(".")[-1]) / 10 for c in completions]
 
-    trainer = ALPGRPOTrainer(
-        model=model,
+    trainer = build_trainer(
+        model,
+        tokenizer,
+        dataset,
+        args,
         reward_funcs=None if how == "environment_owned" else final_answer_reward,
-        args=args,
-        train_dataset=dataset,
-        processing_class=tokenizer,
         **extra,
     )
     scripted = ScriptedGenerate(model, tokenizer, _tool_script)
@@ -284,14 +284,7 @@ def test_rollout_func_logprobs_are_the_denominator(make_model, tokenizer, prompt
 
     model = make_model()
     args = ALPConfig(**train_args, off_policy_correction=correction, perturb_sigma_init=0.05)
-    trainer = ALPGRPOTrainer(
-        model=model,
-        reward_funcs=diversity_reward,
-        args=args,
-        train_dataset=prompt_dataset,
-        processing_class=tokenizer,
-        rollout_func=rollout_func,
-    )
+    trainer = build_trainer(model, tokenizer, prompt_dataset, args, rollout_func=rollout_func)
     trainer.model.train()
     output = trainer._generate_and_score_completions(_first_batch(trainer))
     torch.testing.assert_close(output["sampling_per_token_logps"], torch.tensor(returned["logprobs"]))

@@ -9,9 +9,8 @@ from safetensors.torch import load_file
 
 from alp_trl import ALPConfig
 from alp_trl.perturbation import MODULE_NAME, SIDE_FILE
-from alp_trl.train import recipe_text
 
-from .conftest import alp_trainer
+from .helpers import build_trainer
 
 
 SECRET = "hf_ThisIsNotARealTokenButMustNeverLeak"
@@ -76,7 +75,7 @@ def test_push_uploads_weights_without_sigma_side_file_and_card(
         hub_token=SECRET,
         perturb_lr=0.05,
     )
-    trainer = alp_trainer(
+    trainer = build_trainer(
         make_model(),
         tokenizer,
         prompt_dataset,
@@ -103,11 +102,3 @@ def test_push_uploads_weights_without_sigma_side_file_and_card(
         for name, content in upload["files"].items():
             assert SECRET.encode() not in content, name
     assert pickle.loads(pickle.dumps(args)).hub_token is None and args.hub_token == SECRET
-
-
-def test_recipe_text_redacts_tokens(tmp_path):
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text("model_name_or_path: x\nhub_token: hf_abc\n")
-    text = recipe_text(["--config", str(recipe), "--hub_token", "hf_def", "--max_steps", "3", "--hub_token=hf_ghi"])
-    assert "hf_abc" not in text and "hf_def" not in text and "hf_ghi" not in text
-    assert "model_name_or_path: x" in text and "--max_steps 3" in text

@@ -12,8 +12,8 @@ from transformers import Trainer, TrainerCallback
 from alp_trl import ALPConfig, ALPGRPOTrainer
 from alp_trl.nonfinite_guard import NonFiniteStepGuard, is_finite_number
 
-from .conftest import diversity_reward
 from .doubles import poison_loss
+from .helpers import build_trainer
 
 
 class PoisonedTrainer(ALPGRPOTrainer):
@@ -43,9 +43,7 @@ class Snapshots(TrainerCallback):
 
 def _poisoned(make_model, tokenizer, dataset, train_args, poison, **overrides):
     args = ALPConfig(**{**train_args, "max_steps": 4, "lr_scheduler_type": "linear", **overrides})
-    trainer = PoisonedTrainer(
-        model=make_model(), reward_funcs=diversity_reward, args=args, train_dataset=dataset, processing_class=tokenizer
-    )
+    trainer = build_trainer(make_model(), tokenizer, dataset, args, trainer_class=PoisonedTrainer)
     trainer.poison = poison
     snapshots = Snapshots()
     trainer.add_callback(snapshots)
@@ -142,12 +140,6 @@ def test_guard_unit_counts_describes_and_stops():
         False,
         False,
     ]
-
-
-@pytest.mark.parametrize("value", [0, -1, 1.5, True])
-def test_max_consecutive_nonfinite_steps_is_validated(value):
-    with pytest.raises(ValueError, match="max_consecutive_nonfinite_steps"):
-        ALPConfig(output_dir="/tmp/x", max_consecutive_nonfinite_steps=value, use_cpu=True, bf16=False)
 
 
 def test_trainer_internals_the_guard_relies_on():

@@ -214,23 +214,3 @@ def test_off_policy_sequence_mask_by_hand():
     # row 0: KL mean (0.5 + 0 (NaN)) / 2 = 0.25 > 0.2 and A < 0 -> dropped; row 1: 0.05 -> kept; row 2: A > 0 -> kept
     keep = off_policy_sequence_mask(advantages, logps, rollout, mask, threshold=0.2)
     assert keep.tolist() == [[0.0], [1.0], [1.0]]
-
-
-def test_named_scalars_are_reduced_by_their_own_rule_in_one_gather():
-    from alp_trl.trainer import reduce_named_scalars
-
-    class TwoRanks:  # rank 0's row and a second rank's, as accelerate's gather would stack them
-        calls = 0
-
-        def gather(self, row):
-            TwoRanks.calls += 1
-            return torch.cat([row, row * torch.tensor([[3.0, 3.0, 3.0, 3.0]])])
-
-    named = {
-        "m": (torch.tensor(1.0), "mean"),
-        "x": (torch.tensor(2.0), "max"),
-        "n": (torch.tensor(-1.0), "min"),
-        "s": (torch.tensor(0.5), "sum"),
-    }
-    assert reduce_named_scalars(TwoRanks(), named) == {"m": 2.0, "x": 6.0, "n": -3.0, "s": 2.0}
-    assert TwoRanks.calls == 1

@@ -1,15 +1,12 @@
 """Checkpoints and resume: an interrupted run resumed from its checkpoint matches an uninterrupted one."""
 
-import os
-
 import pytest
 import torch
 from transformers import TrainerCallback
 
-from alp_trl import ALPConfig
 from alp_trl.train import last_checkpoint
 
-from .conftest import alp_trainer
+from .helpers import build_trainer, tiny_config
 
 
 class StopAfter(TrainerCallback):
@@ -24,31 +21,16 @@ class StopAfter(TrainerCallback):
 
 
 def _run(make_model, tokenizer, prompt_dataset, output_dir, callbacks=(), resume=None, **extra):
-    args = ALPConfig(
-        output_dir=output_dir,
-        per_device_train_batch_size=4,
-        num_generations=4,
-        max_completion_length=8,
+    args = tiny_config(
+        output_dir,
         max_steps=4,
-        learning_rate=1e-2,
         perturb_sigma_init=0.05,
         perturb_lr=0.05,
-        logging_steps=1,
         save_strategy="steps",
         save_steps=2,
-        report_to="none",
-        use_cpu=True,
-        bf16=False,
-        seed=0,
         **extra,
     )
-    trainer = alp_trainer(
-        make_model(),
-        tokenizer,
-        prompt_dataset,
-        args,
-        callbacks=list(callbacks),
-    )
+    trainer = build_trainer(make_model(), tokenizer, prompt_dataset, args, callbacks=list(callbacks))
     trainer.train(resume_from_checkpoint=resume)
     losses = {r["step"]: r["loss"] for r in trainer.state.log_history if "loss" in r}
     return trainer, losses
@@ -80,14 +62,3 @@ def test_resumed_run_matches_the_uninterrupted_run(
     torch.testing.assert_close(resumed.perturbation.sigma, straight.perturbation.sigma, rtol=1e-5, atol=1e-8)
     for (name, a), (_, b) in zip(straight.model.named_parameters(), resumed.model.named_parameters()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
-
-
-def test_incomplete_checkpoints_are_skipped(tmp_path):
-    for step, complete in ((2, True), (4, True), (6, False)):
-        folder = tmp_path / f"checkpoint-{step}"
-        folder.mkdir()
-        if complete:
-            (folder / "trainer_state.json").write_text("{}")
-    (tmp_path / "checkpoint-x").mkdir()
-    assert last_checkpoint(str(tmp_path)) == os.path.join(str(tmp_path), "checkpoint-4")
-    assert last_checkpoint(str(tmp_path / "missing")) is None

@@ -9,7 +9,7 @@ from transformers.generation.logits_process import MinPLogitsWarper, TopKLogitsW
 from alp_trl import ALPConfig
 from alp_trl.sampling_replay import SamplingTruncation, kept_tokens, replayed_logprobs, truncated_log_softmax
 
-from .conftest import alp_trainer
+from .helpers import build_trainer
 
 
 def _transformers_kept(logits, truncation):
@@ -88,7 +88,7 @@ def test_trainer_replays_the_truncation_on_both_sides(make_model, tokenizer, pro
         temperature=0.9,
         sampling_mask_replay=replay,
     )
-    trainer = alp_trainer(make_model(), tokenizer, prompt_dataset, args)
+    trainer = build_trainer(make_model(), tokenizer, prompt_dataset, args)
     trainer.model.train()
     output = trainer._generate_and_score_completions([prompt_dataset[i] for i in range(4)])
     ids = torch.cat([output["prompt_ids"], output["completion_ids"]], 1)

@@ -7,13 +7,12 @@ import pytest
 import torch
 from datasets import Dataset
 
-from alp_trl import ALPConfig, ALPGRPOTrainer
+from alp_trl import ALPConfig
 from alp_trl.sandbox import SandboxResult, sandbox_status
 from alp_trl.tool_rollout import first_code_block, format_tool_output, run_tir, token_prefix_for_chars
 
-from .conftest import named_params
-from .doubles import ScriptedGenerate
-from .fakes import attach_fake_vllm
+from .doubles import ScriptedGenerate, attach_fake_vllm
+from .helpers import build_trainer, named_params
 
 
 needs_sandbox = pytest.mark.skipif(not sandbox_status()[0] and not os.environ.get("CI"), reason=sandbox_status()[1])
@@ -120,9 +119,7 @@ def _tir_trainer(make_model, tokenizer, train_args, **overrides):
         **{**train_args, "max_completion_length": 96, **overrides.pop("train", {})},
         **{"code_tool": "python", "perturb_sigma_init": 0.05, **overrides},
     )
-    trainer = ALPGRPOTrainer(
-        model=model, reward_funcs=answer_reward, args=args, train_dataset=dataset, processing_class=tokenizer
-    )
+    trainer = build_trainer(model, tokenizer, dataset, args, reward_funcs=answer_reward)
     model.generate = ScriptedGenerate(model, tokenizer, tir_script)
     return trainer
 
@@ -213,16 +210,14 @@ def test_multi_turn_alp_trains_end_to_end(make_model, tokenizer, train_args, eng
 
 def test_code_tool_refuses_other_multi_turn_hooks(make_model, tokenizer, train_args):
     with pytest.raises(ValueError, match="code_tool='python'.*`tools`"):
-        ALPGRPOTrainer(
-            model=make_model(),
+        build_trainer(
+            make_model(),
+            tokenizer,
+            Dataset.from_dict({"prompt": ["x"] * 8}),
+            ALPConfig(**train_args, code_tool="python"),
             reward_funcs=lambda completions, **k: [0.0] * len(completions),
-            args=ALPConfig(**train_args, code_tool="python"),
-            train_dataset=Dataset.from_dict({"prompt": ["x"] * 8}),
-            processing_class=tokenizer,
             tools=[print],
         )
-
-
 
 
 @needs_sandbox
@@ -237,8 +232,6 @@ def test_eval_runs_the_same_multi_turn_loop(make_model, tokenizer):
     assert [len(c) for c in completions] == [2, 2]
     for text in (t for c in completions for t in c):
         assert "```output\n7\n```" in text and "\\boxed{" in text and "cut" not in text
-
-
 
 
 @needs_sandbox

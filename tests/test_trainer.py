@@ -9,24 +9,10 @@ from peft import LoraConfig
 from safetensors.torch import load_file
 from trl import GRPOConfig, GRPOTrainer
 
-from alp_trl import ALPConfig, ALPGRPOTrainer
+from alp_trl import ALPConfig
 from alp_trl.perturbation import MODULE_NAME, SIDE_FILE
 
-from .conftest import alp_trainer, diversity_reward, named_params
-
-
-def _trainer(cls, config_cls, model, tokenizer, dataset, **kwargs):
-    return cls(
-        model=model,
-        reward_funcs=diversity_reward,
-        args=config_cls(**kwargs),
-        train_dataset=dataset,
-        processing_class=tokenizer,
-    )
-
-
-def _alp(model, tokenizer, dataset, **kwargs):
-    return _trainer(ALPGRPOTrainer, ALPConfig, model, tokenizer, dataset, **kwargs)
+from .helpers import build_trainer, named_params
 
 
 def _fixed_inputs(tokenizer, batch=4, prompt_len=6, completion_len=5):
@@ -61,9 +47,12 @@ def _current_logps(trainer, inputs):
 
 def _grpo_and_noise_free_alp(model, tokenizer, dataset, common: dict):
     """A `GRPOTrainer` and an `ALPGRPOTrainer` with sigma = 0 (fixed) and no dual clip, on the same settings."""
-    grpo = _trainer(GRPOTrainer, GRPOConfig, model, tokenizer, dataset, **common)
-    alp = _alp(
-        model, tokenizer, dataset, perturb_sigma_init=0.0, perturb_sigma_learnable=False, dual_clip_c=None, **common
+    grpo = build_trainer(model, tokenizer, dataset, GRPOConfig(**common), trainer_class=GRPOTrainer)
+    alp = build_trainer(
+        model,
+        tokenizer,
+        dataset,
+        ALPConfig(perturb_sigma_init=0.0, perturb_sigma_learnable=False, dual_clip_c=None, **common),
     )
     return grpo, alp
 
@@ -131,7 +120,7 @@ def test_zero_sigma_alp_equals_grpo(
 
 
 def test_positive_sigma_changes_log_probs_and_gets_gradient(make_model, tokenizer, prompt_dataset, train_args):
-    trainer = _alp(make_model(), tokenizer, prompt_dataset, perturb_sigma_init=0.1, **train_args)
+    trainer = build_trainer(make_model(), tokenizer, prompt_dataset, ALPConfig(**train_args, perturb_sigma_init=0.1))
     inputs = _fixed_inputs(tokenizer)
     clean = _current_logps(trainer, inputs)
     trainer.model.train()
@@ -148,13 +137,8 @@ def test_noise_never_reaches_generation_reference_or_eval(
 ):
     """Also with LoRA, where the reference forward is the same model with the adapter disabled."""
     peft = {"peft_config": LoraConfig(r=4, target_modules=["q_proj", "v_proj"])} if lora else {}
-    trainer = ALPGRPOTrainer(
-        model=saved_model_dir,
-        reward_funcs=diversity_reward,
-        args=ALPConfig(**train_args, perturb_sigma_init=1.0, beta=0.1),
-        train_dataset=prompt_dataset,
-        processing_class=tokenizer,
-        **peft,
+    trainer = build_trainer(
+        saved_model_dir, tokenizer, prompt_dataset, ALPConfig(**train_args, perturb_sigma_init=1.0, beta=0.1), **peft
     )
     if lora:
         assert trainer.ref_model is None, "the reference is the shared model with its adapter off"
@@ -180,8 +164,11 @@ def test_noise_never_reaches_generation_reference_or_eval(
 def test_gradient_checkpointing_on_and_off_match(saved_model_dir, tokenizer, prompt_dataset, train_args):
     grads = {}
     for gc in (False, True):
-        trainer = _alp(
-            saved_model_dir, tokenizer, prompt_dataset, perturb_sigma_init=0.1, gradient_checkpointing=gc, **train_args
+        trainer = build_trainer(
+            saved_model_dir,
+            tokenizer,
+            prompt_dataset,
+            ALPConfig(**train_args, perturb_sigma_init=0.1, gradient_checkpointing=gc),
         )
         inputs = _fixed_inputs(tokenizer)
         inputs["sampling_per_token_logps"] = _current_logps(trainer, inputs) - 0.1
@@ -192,7 +179,9 @@ def test_gradient_checkpointing_on_and_off_match(saved_model_dir, tokenizer, pro
 
 
 def test_sigma_has_its_own_optimizer_group(make_model, tokenizer, prompt_dataset, train_args):
-    trainer = _alp(make_model(), tokenizer, prompt_dataset, perturb_lr=0.05, weight_decay=0.1, **train_args)
+    trainer = build_trainer(
+        make_model(), tokenizer, prompt_dataset, ALPConfig(**train_args, perturb_lr=0.05, weight_decay=0.1)
+    )
     optimizer = trainer.create_optimizer()
     sigma = trainer.perturbation.log_sigma
     groups = [g for g in optimizer.param_groups if any(p is sigma for p in g["params"])]
@@ -203,7 +192,20 @@ def test_sigma_has_its_own_optimizer_group(make_model, tokenizer, prompt_dataset
 
 def test_requires_alp_config(make_model, tokenizer, prompt_dataset, train_args):
     with pytest.raises(TypeError, match="ALPConfig"):
-        alp_trainer(make_model(), tokenizer, prompt_dataset, GRPOConfig(**train_args))
+        build_trainer(make_model(), tokenizer, prompt_dataset, GRPOConfig(**train_args))
+
+
+def test_the_trainer_refuses_a_plain_grpo_config(make_model, tokenizer, prompt_dataset, tmp_path):
+    from trl import GRPOConfig
+
+    with pytest.raises(TypeError, match=r"needs an ALPConfig, got GRPOConfig"):
+        build_trainer(
+            make_model(),
+            tokenizer,
+            prompt_dataset,
+            GRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none"),
+            reward_funcs=lambda completions, **k: [0.0] * len(completions),
+        )
 
 
 def _assert_weights_file_has_no_sigma(directory):
@@ -221,7 +223,7 @@ def _assert_weights_file_has_no_sigma(directory):
 def test_alp_trains_end_to_end(make_model, tokenizer, prompt_dataset, train_args, arch, level, use_lora):
     peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]) if use_lora else None
     args = ALPConfig(**train_args, importance_sampling_level=level, perturb_sigma_init=0.05, perturb_lr=0.05)
-    trainer = alp_trainer(
+    trainer = build_trainer(
         make_model(arch),
         tokenizer,
         prompt_dataset,
@@ -252,8 +254,11 @@ def test_alp_trains_end_to_end(make_model, tokenizer, prompt_dataset, train_args
 
 
 def test_frozen_sigma_does_not_move_but_weights_do(make_model, tokenizer, prompt_dataset, train_args):
-    trainer = _alp(
-        make_model(), tokenizer, prompt_dataset, perturb_sigma_init=0.05, perturb_sigma_learnable=False, **train_args
+    trainer = build_trainer(
+        make_model(),
+        tokenizer,
+        prompt_dataset,
+        ALPConfig(**train_args, perturb_sigma_init=0.05, perturb_sigma_learnable=False),
     )
     before = named_params(trainer.model)
     sigma_before = trainer.perturbation.sigma.clone()
@@ -265,7 +270,9 @@ def test_frozen_sigma_does_not_move_but_weights_do(make_model, tokenizer, prompt
 
 @pytest.mark.parametrize("correction", ["bypass", "token_mis", "seq_mis", "tis", "none"])
 def test_baselines_train_without_perturbation(make_model, tokenizer, prompt_dataset, train_args, correction):
-    trainer = _alp(make_model(), tokenizer, prompt_dataset, off_policy_correction=correction, **train_args)
+    trainer = build_trainer(
+        make_model(), tokenizer, prompt_dataset, ALPConfig(**train_args, off_policy_correction=correction)
+    )
     assert trainer.perturbation is None and not hasattr(trainer.model, MODULE_NAME)
     before = named_params(trainer.model)
     trainer.train()
@@ -284,20 +291,25 @@ def test_baselines_train_without_perturbation(make_model, tokenizer, prompt_data
 
 def test_warns_when_sampling_is_truncated_without_replay(make_model, tokenizer, prompt_dataset, train_args, caplog):
     with caplog.at_level("WARNING", logger="alp_trl.trainer"):
-        _alp(make_model(), tokenizer, prompt_dataset, top_p=0.9, top_k=20, sampling_mask_replay=False, **train_args)
+        build_trainer(
+            make_model(),
+            tokenizer,
+            prompt_dataset,
+            ALPConfig(**train_args, top_p=0.9, top_k=20, sampling_mask_replay=False),
+        )
     assert "top_p=0.9" in caplog.text and "top_k=20" in caplog.text and "biased" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="alp_trl.trainer"):  # replayed (the default): nothing to warn about
-        _alp(make_model(), tokenizer, prompt_dataset, top_p=0.9, top_k=20, **train_args)
+        build_trainer(make_model(), tokenizer, prompt_dataset, ALPConfig(**train_args, top_p=0.9, top_k=20))
     assert "biased" not in caplog.text
     with caplog.at_level("WARNING", logger="alp_trl.trainer"):  # a repetition penalty is never replayed
-        _alp(make_model(), tokenizer, prompt_dataset, repetition_penalty=1.1, **train_args)
+        build_trainer(make_model(), tokenizer, prompt_dataset, ALPConfig(**train_args, repetition_penalty=1.1))
     assert "repetition_penalty=1.1" in caplog.text and "biased" in caplog.text
 
 
 def test_lora_with_gradient_checkpointing_trains_sigma(make_model, tokenizer, prompt_dataset, train_args):
     args = ALPConfig(**train_args, gradient_checkpointing=True, perturb_sigma_init=0.05, perturb_lr=0.05)
-    trainer = alp_trainer(
+    trainer = build_trainer(
         make_model("llama"),
         tokenizer,
         prompt_dataset,
@@ -313,14 +325,14 @@ def test_checkpoint_holds_sigma_beside_the_weights_and_resume_restores_it(
     make_model, tokenizer, prompt_dataset, train_args
 ):
     kwargs = dict(train_args, save_strategy="steps", save_steps=2, perturb_lr=0.05)
-    trainer = _alp(make_model(), tokenizer, prompt_dataset, **kwargs)
+    trainer = build_trainer(make_model(), tokenizer, prompt_dataset, ALPConfig(**kwargs))
     trainer.train()
     checkpoint = os.path.join(train_args["output_dir"], "checkpoint-2")
     assert os.path.exists(os.path.join(checkpoint, SIDE_FILE))
     _assert_weights_file_has_no_sigma(checkpoint)
     trained_sigma = trainer.perturbation.sigma.clone()
     # a new run resumed from the checkpoint starts from the checkpoint's sigma (not perturb_sigma_init)
-    resumed = _alp(make_model(), tokenizer, prompt_dataset, **dict(kwargs, max_steps=2))
+    resumed = build_trainer(make_model(), tokenizer, prompt_dataset, ALPConfig(**dict(kwargs, max_steps=2)))
     assert not torch.allclose(resumed.perturbation.sigma, trained_sigma)
     resumed.train(resume_from_checkpoint=checkpoint)
     torch.testing.assert_close(resumed.perturbation.sigma, trained_sigma)
@@ -392,14 +404,11 @@ def test_baseline_losses_against_hand_written_formulas(
     }
     if case["correction"] in ("ppo", "bypass"):
         fields = {}
-    trainer = _alp(
+    trainer = build_trainer(
         make_model(),
         tokenizer,
         prompt_dataset,
-        off_policy_correction=case["correction"],
-        loss_type=loss_type,
-        **fields,
-        **train_args,
+        ALPConfig(**train_args, off_policy_correction=case["correction"], loss_type=loss_type, **fields),
     )
     inputs = _fixed_inputs(tokenizer)
     current = _current_logps(trainer, inputs)
@@ -426,7 +435,7 @@ def test_old_policy_logps_are_computed_only_where_they_are_used(
         off_policy_correction=correction,
         perturb_sigma_init=0.05,
     )
-    trainer = alp_trainer(make_model(), tokenizer, prompt_dataset, args)
+    trainer = build_trainer(make_model(), tokenizer, prompt_dataset, args)
     generated, forwards = [], []
     generate, forward = trainer._generate_and_score_completions, trainer._get_per_token_logps_and_entropies
 
@@ -495,13 +504,15 @@ def test_zero_sigma_alp_equals_grpo_with_trl_extras(
 def test_noise_survival_is_logged_per_layer(make_model, tokenizer, prompt_dataset, train_args):
     """fp32 hidden states keep the whole noise: survival ~1 on every layer (a float32 run), logged per layer and
     averaged; only ALP logs it."""
-    trainer = _alp(make_model(), tokenizer, prompt_dataset, perturb_sigma_init=0.05, **train_args)
+    trainer = build_trainer(make_model(), tokenizer, prompt_dataset, ALPConfig(**train_args, perturb_sigma_init=0.05))
     trainer.train()
     logged = trainer.state.log_history[0]
     layers = [logged[f"alp/noise_survival/layer_{i:02d}"] for i in range(3)]
     assert all(v == pytest.approx(1.0, abs=0.1) for v in layers)
     assert logged["alp/noise_survival"] == pytest.approx(sum(layers) / 3)
-    bypass = _alp(make_model(), tokenizer, prompt_dataset, off_policy_correction="bypass", **train_args)
+    bypass = build_trainer(
+        make_model(), tokenizer, prompt_dataset, ALPConfig(**train_args, off_policy_correction="bypass")
+    )
     bypass.train()
     assert "alp/noise_survival" not in bypass.state.log_history[0]
 
@@ -513,15 +524,17 @@ def test_sigma_gradient_matches_a_central_finite_difference(
 ):
     """The noise is a deterministic function of its key, so the loss is a smooth function of log_sigma: its
     backward gradient must equal (L(log_sigma + h) - L(log_sigma - h)) / 2h, in value and sign."""
-    trainer = _alp(
+    trainer = build_trainer(
         make_model(),
         tokenizer,
         prompt_dataset,
-        perturb_sigma_init=0.2,
-        perturb_sigma_shape=shape,
-        importance_sampling_level=level,
-        loss_type="bnpo",
-        **train_args,
+        ALPConfig(
+            **train_args,
+            perturb_sigma_init=0.2,
+            perturb_sigma_shape=shape,
+            importance_sampling_level=level,
+            loss_type="bnpo",
+        ),
     )
     inputs = _fixed_inputs(tokenizer)
     current = _current_logps(trainer, inputs)
@@ -562,15 +575,11 @@ def test_each_objective_knob_fires_with_the_hand_computed_loss(
     loss written out by hand (ALP with sigma 0: the ratio is policy / rollout)."""
     fields, shift_kind = KNOB_CASES[name]
     fields = {"dual_clip_c": 10.0, **fields}
-    trainer = _alp(
+    trainer = build_trainer(
         saved_model_dir,
         tokenizer,
         prompt_dataset,
-        perturb_sigma_init=0.0,
-        perturb_sigma_learnable=False,
-        loss_type="bnpo",
-        **fields,
-        **train_args,
+        ALPConfig(**train_args, perturb_sigma_init=0.0, perturb_sigma_learnable=False, loss_type="bnpo", **fields),
     )
     inputs = _fixed_inputs(tokenizer)
     current = _current_logps(trainer, inputs)
@@ -616,8 +625,11 @@ def test_each_objective_knob_fires_with_the_hand_computed_loss(
 def test_gradient_accumulation_keys_the_noise_by_micro_step(make_model, tokenizer, prompt_dataset, train_args):
     """With 2 micro-steps per optimizer step, every micro-step draws its own noise, keyed by (optimizer step,
     micro-step in the window): the keys of 2 steps are (0, 0), (0, 1), (1, 0), (1, 1), with different noise each."""
-    trainer = _alp(
-        make_model(), tokenizer, prompt_dataset, perturb_sigma_init=0.1, gradient_accumulation_steps=2, **train_args
+    trainer = build_trainer(
+        make_model(),
+        tokenizer,
+        prompt_dataset,
+        ALPConfig(**train_args, perturb_sigma_init=0.1, gradient_accumulation_steps=2),
     )
     seen = {}
 

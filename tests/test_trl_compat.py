@@ -99,9 +99,9 @@ def test_private_behaviour_the_trainer_relies_on(owner, name, fragment, why):
 def test_metric_and_step_state_exist(make_model, tokenizer, prompt_dataset, train_args):
     from alp_trl import ALPConfig
 
-    from .conftest import alp_trainer
+    from .helpers import build_trainer
 
-    trainer = alp_trainer(make_model(), tokenizer, prompt_dataset, ALPConfig(**train_args))
+    trainer = build_trainer(make_model(), tokenizer, prompt_dataset, ALPConfig(**train_args))
     assert isinstance(trainer._metrics["train"], dict) and trainer._step == 0
     for attribute in ("entropy_coef", "_last_world_entropy", "_entropy_window_stats", "_tokenizer", "eos_token_ids"):
         assert hasattr(trainer, attribute), f"GRPOTrainer no longer sets `{attribute}`"

@@ -11,9 +11,9 @@ from datasets import Dataset
 from peft import LoraConfig, PromptTuningConfig, TaskType
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from alp_trl import ALPConfig, ALPGRPOTrainer
+from alp_trl import ALPConfig
 
-from .conftest import diversity_reward
+from .helpers import build_trainer, diversity_reward
 
 
 def length_reward(completions, **kwargs):
@@ -133,12 +133,12 @@ def test_trl_scenario_trains_the_right_parameters(
         perturb_sigma_init=0.05,
         perturb_lr=0.1,
     )
-    trainer = ALPGRPOTrainer(
-        model=_model(kind, make_model, saved_model_dir, tokenizer),
+    trainer = build_trainer(
+        _model(kind, make_model, saved_model_dir, tokenizer),
+        tokenizer,
+        prompt_dataset,
+        args,
         reward_funcs=reward_funcs,
-        args=args,
-        train_dataset=prompt_dataset,
-        processing_class=tokenizer,
         **trainer_kwargs,
     )
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}

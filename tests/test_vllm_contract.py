@@ -7,13 +7,13 @@ from peft import LoraConfig
 from alp_trl import ALPConfig
 from alp_trl.perturbation import MODULE_NAME
 
-from .conftest import alp_trainer, named_params
-from .fakes import attach_fake_vllm
+from .doubles import attach_fake_vllm
+from .helpers import build_trainer, named_params
 
 
 def _trainer(make_model, tokenizer, prompt_dataset, train_args, peft=False, **kwargs):
     args = ALPConfig(**train_args, perturb_sigma_init=0.1, **kwargs)
-    return alp_trainer(
+    return build_trainer(
         make_model(),
         tokenizer,
         prompt_dataset,

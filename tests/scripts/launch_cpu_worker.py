@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from tests.fakes import emulate_gpu_launch_on_cpu
+from tests.doubles import emulate_gpu_launch_on_cpu
 
 
 BACKEND = emulate_gpu_launch_on_cpu()

@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from tests.fakes import emulate_gpu_launch_on_cpu
+from tests.doubles import emulate_gpu_launch_on_cpu, poison_loss
 
 
 emulate_gpu_launch_on_cpu()
@@ -16,7 +16,6 @@ from transformers import TrainerCallback  # noqa: E402
 
 from alp_trl import ALPGRPOTrainer  # noqa: E402
 from alp_trl.train import main  # noqa: E402
-from tests.doubles import poison_loss  # noqa: E402
 
 
 KIND = os.environ["POISON_KIND"]

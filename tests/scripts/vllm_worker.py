@@ -22,21 +22,15 @@ SCENARIOS = ("sync", "nosync", "bf16", "lora", "token_alp", "seq_alp", "replay",
 
 def config_for(scenario: str, output_dir: str):
     from alp_trl import ALPConfig
+    from tests.helpers import tiny_run_args
 
-    fields = dict(
-        output_dir=output_dir,
+    fields = tiny_run_args(
+        output_dir,
         per_device_train_batch_size=8,
-        num_generations=4,
         max_completion_length=12,
         max_steps=3,
         learning_rate=3e-4,
         lr_scheduler_type="constant",
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        bf16=False,
-        seed=0,
         use_vllm=True,
         vllm_mode="colocate",
         vllm_dtype="float32",
@@ -74,9 +68,9 @@ def run(scenario: str, out_path: str) -> None:
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from alp_trl import ALPGRPOTrainer
     from alp_trl.models import resolve_model_path
     from alp_trl.perturbation import MODULE_NAME
+    from tests.helpers import build_trainer
 
     path = resolve_model_path("embedded:smollm2-135m-instruct")
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -87,12 +81,12 @@ def run(scenario: str, out_path: str) -> None:
         return [len(set(c[0]["content"])) / 10.0 for c in completions]
 
     args = config_for(scenario, os.path.join(os.path.dirname(out_path), f"run-{scenario}"))
-    trainer = ALPGRPOTrainer(
-        model=model,
+    trainer = build_trainer(
+        model,
+        tokenizer,
+        Dataset.from_dict({"prompt": prompts}),
+        args,
         reward_funcs=distinct_characters,
-        args=args,
-        train_dataset=Dataset.from_dict({"prompt": prompts}),
-        processing_class=tokenizer,
         peft_config=LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
         if scenario == "lora"
         else None,
