@@ -17,7 +17,7 @@ MIS_REJECTIONS = ("drop", "zero")
 MIS_AGGREGATIONS = ("sum", "mean")
 CODE_TOOLS = ("none", "python")
 SEQUENCE_RATIO_AGGREGATIONS = ("mean", "sum")
-MISMATCH_KINDS = ("none", "bf16", "fp16", "logit_noise", "hidden_noise")
+MISMATCH_KINDS = ("none", "bf16", "fp16", "bf16_activations", "logit_noise", "hidden_noise")
 VLLM_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 

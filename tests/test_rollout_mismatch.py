@@ -21,7 +21,10 @@ def _logits(model, batch):
         return model(**batch).logits
 
 
-@pytest.mark.parametrize(("kind", "std"), [("bf16", 0.0), ("fp16", 0.0), ("logit_noise", 0.5), ("hidden_noise", 0.05)])
+@pytest.mark.parametrize(
+    ("kind", "std"),
+    [("bf16", 0.0), ("fp16", 0.0), ("bf16_activations", 0.0), ("logit_noise", 0.5), ("hidden_noise", 0.05)],
+)
 def test_sampler_differs_inside_and_is_restored_exactly(make_model, batch, kind, std):
     model = make_model().eval()
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -33,6 +36,7 @@ def test_sampler_differs_inside_and_is_restored_exactly(make_model, batch, kind,
     assert (inside - clean).abs().max() > 1e-4
     torch.testing.assert_close(inside, again, rtol=0, atol=0)  # reproducible from (seed, step)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    assert all(b.dtype == torch.float32 for b in model.buffers() if b.is_floating_point())  # buffers too
     assert torch.equal(_logits(model, batch), clean)
 
 

@@ -1,5 +1,6 @@
 """The figures of a study's report: the one-step intervention per engine, and the training curves of an experiment."""
 
+import os
 import statistics
 
 
@@ -96,6 +97,58 @@ def plot_training(records: list[dict], path: str) -> bool:
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_coverage(rows: list[dict], path: str) -> bool:
+    """One panel per (checkpoint, engine): KL(inference || X) relative to the unperturbed policy's, against the sigma
+    multiplier, for the averaged policy, the temperature control and one draw, per noise scale (mean ± std over
+    seeds; below 1: closer to the engine than the policy)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({row["key"][1:3] for row in rows})
+    if not panels:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False, constrained_layout=True)
+    styles = {"averaged": "-", "temperature": ":", "one_draw": "--"}
+    colors = {"absolute": "tab:blue", "rms": "tab:orange"}
+    for ax, (checkpoint, engine) in zip(axes[0], panels):
+        for noise in ("absolute", "rms"):
+            selected = sorted(
+                (r for r in rows if r["key"][1:4] == (checkpoint, engine, noise)), key=lambda r: r["key"][4]
+            )
+            if not selected:
+                continue
+            for name, style in styles.items():
+                means, errors = [], []
+                for row in selected:
+                    ratios = [s[f"kl_{name}"] / max(s["kl_unperturbed"], 1e-12) for s in row["seeds"]]
+                    means.append(statistics.mean(ratios))
+                    errors.append(statistics.stdev(ratios) if len(ratios) > 1 else 0.0)
+                ax.errorbar(
+                    [r["key"][4] for r in selected],
+                    means,
+                    yerr=errors,
+                    linestyle=style,
+                    color=colors[noise],
+                    marker="o",
+                    ms=3,
+                    capsize=2,
+                    label=f"{name} ({noise})",
+                )
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sigma / engine scale")
+        ax.set_ylabel("KL(engine || X) / KL(engine || policy)")
+        ax.set_title(f"{checkpoint}: {engine}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True

@@ -5,6 +5,7 @@ import itertools
 
 
 BASE_MODEL = "base model (not trained)"  # the `method` of the untrained model's evaluation unit
+EXPERIMENT_KINDS = ("intervention", "train", "coverage")
 
 
 def load_grid(path: str) -> dict:
@@ -20,15 +21,33 @@ def load_grid(path: str) -> dict:
         raise ValueError("`seeds` must be a non-empty list of integers.")
     for index, experiment in enumerate(grid["experiments"]):
         kind = experiment.get("kind")
-        if kind not in ("intervention", "train"):
-            raise ValueError(
-                f"`experiments[{index}].kind` got {kind!r}; allowed values are ['intervention', 'train']."
-            )
+        if kind not in EXPERIMENT_KINDS:
+            raise ValueError(f"`experiments[{index}].kind` got {kind!r}; allowed values are {list(EXPERIMENT_KINDS)}.")
         if "name" not in experiment:
             raise ValueError(f"`experiments[{index}]` needs a `name`.")
         if kind == "train" and not experiment.get("methods"):
             raise ValueError(f"`experiments[{index}].methods` must name at least one method.")
+        if kind == "coverage":
+            _check_coverage(experiment, index)
     return grid
+
+
+def _check_coverage(experiment: dict, index: int) -> None:
+    """A coverage experiment's keys, before anything runs."""
+    where = f"`experiments[{index}]`"
+    if not experiment.get("engines"):
+        raise ValueError(f"{where}.engines must name at least one engine.")
+    for engine in experiment["engines"]:
+        if "engine" in engine and engine["engine"] != "vllm":
+            raise ValueError(f"{where}: an engine's `engine` got {engine['engine']!r}; allowed values are ['vllm'].")
+    for name, spec in (experiment.get("checkpoints") or {"base": {}}).items():
+        if name != "base" and "recipe" not in spec:
+            raise ValueError(f"{where}.checkpoints.{name} needs a `recipe` to train it from the grid's model.")
+    for scale in experiment.get("noise_scales", ["absolute", "rms"]):
+        if scale not in ("absolute", "rms"):
+            raise ValueError(f"{where}.noise_scales: got {scale!r}; allowed values are ['absolute', 'rms'].")
+    if int(experiment.get("draws", 8)) < 1:
+        raise ValueError(f"{where}.draws must be >= 1.")
 
 
 def perturbation_configs(spec: dict) -> list[dict]:
@@ -55,6 +74,13 @@ def engine_id(engine: dict) -> str:
     kind = engine.get("rollout_mismatch", "none")
     std = engine.get("rollout_mismatch_std")
     return kind if not std else f"{kind}{std:g}"
+
+
+def engine_coverage_id(engine: dict) -> str:
+    """`vllm-bfloat16` for the real engine, else the simulated engine's id."""
+    if engine.get("engine") == "vllm":
+        return f"vllm-{engine.get('dtype', 'bfloat16')}"
+    return engine_id(engine)
 
 
 def config_id(config: dict) -> str:
@@ -91,6 +117,8 @@ def plan_units(grid: dict) -> list[dict]:
                                 "config": config,
                             }
                         )
+            elif experiment["kind"] == "coverage":
+                continue  # planned below: checkpoint first, then engine, then seed
             else:
                 if experiment.get("eval"):  # the untrained model's held-out accuracy, the reference for the runs
                     units.append(
@@ -112,6 +140,39 @@ def plan_units(grid: dict) -> list[dict]:
                             "seed": seed,
                         }
                     )
+        if experiment["kind"] == "coverage":
+            units += coverage_units(experiment, grid["seeds"])
+    return units
+
+
+def coverage_units(experiment: dict, grid_seeds: list[int]) -> list[dict]:
+    """A coverage experiment's units, checkpoint by checkpoint: the `checkpoint` unit that trains it (not for `base`),
+    then one `coverage` unit per engine and seed (every seed of an engine lands before the next engine starts)."""
+    name, units = experiment["name"], []
+    checkpoints = experiment.get("checkpoints") or {"base": {}}
+    for checkpoint, spec in checkpoints.items():
+        if checkpoint != "base":  # trained right before it is measured
+            units.append(
+                {
+                    "id": f"{name}__checkpoint__{slug(checkpoint)}",
+                    "type": "checkpoint",
+                    "experiment": name,
+                    "checkpoint": checkpoint,
+                    "seed": spec.get("seed", 0),
+                }
+            )
+        for engine in experiment["engines"]:
+            for seed in experiment.get("seeds", grid_seeds):
+                units.append(
+                    {
+                        "id": f"{name}__{slug(checkpoint)}__{engine_coverage_id(engine)}__seed{seed}",
+                        "type": "coverage",
+                        "experiment": name,
+                        "checkpoint": checkpoint,
+                        "engine": engine,
+                        "seed": seed,
+                    }
+                )
     return units
 
 

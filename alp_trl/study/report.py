@@ -5,6 +5,7 @@ import math
 import os
 import statistics
 
+from .coverage_report import coverage_section
 from .figures import plot_intervention, plot_training
 from .grid import BASE_MODEL, config_id, engine_id, slug
 from .intervention_units import matched_bypass
@@ -71,6 +72,7 @@ def write_report(results: dict, path: str, command: str) -> None:
     lines = [
         *_setup_section(results, command),
         *_conclusion_section(grid),
+        *coverage_section(records, {e["name"]: e for e in grid["experiments"]}, image_dir, command),
         *_intervention_section(records, image_dir),
         *_training_section(records, grid, image_dir),
         *_failed_section(records),

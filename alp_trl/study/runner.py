@@ -9,6 +9,7 @@ import traceback
 
 import torch
 
+from .coverage_units import CoverageContext, run_checkpoint_unit, run_coverage_unit
 from .grid import load_grid, only_experiments, plan_units
 from .intervention_units import InterventionContext, run_bypass_unit, run_perturbation_unit
 from .training_units import run_base_eval_unit, run_train_unit
@@ -24,6 +25,7 @@ def run_study(grid_path: str, out_dir: str, only: list[str] | None = None) -> di
     runs_dir = os.path.join(out_dir, "units")
     os.makedirs(runs_dir, exist_ok=True)
     context = InterventionContext(grid, out_dir)
+    context.coverage = CoverageContext(grid, out_dir)
     todo = [u for u in units if not os.path.exists(os.path.join(runs_dir, f"{u['id']}.json"))]
     bar = tqdm(total=len(units), initial=len(units) - len(todo), desc="study", unit="run")
     for unit in todo:
@@ -45,6 +47,10 @@ def run_unit(context: InterventionContext, grid: dict, experiment: dict, unit: d
             record["result"] = run_perturbation_unit(context, experiment, unit)
         elif unit["type"] == "bypass_curve":
             record["result"] = run_bypass_unit(context, experiment, unit)
+        elif unit["type"] == "coverage":
+            record["result"] = run_coverage_unit(context.coverage, experiment, unit)
+        elif unit["type"] == "checkpoint":
+            record["result"] = run_checkpoint_unit(grid, experiment, unit, out_dir)
         elif unit["type"] == "eval_base":
             record["result"] = run_base_eval_unit(grid, experiment, unit, out_dir)
         else:

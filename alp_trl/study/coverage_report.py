@@ -1,0 +1,198 @@
+"""The report of a `coverage` experiment (the marginal-coverage test): a verdict table at the top, the distance of
+each policy to the engine per sigma (mean ± std over seeds, and how many seeds the averaged policy wins), the Figure-2
+envelope binned by rollout probability, and the figure."""
+
+import os
+import statistics
+
+from .figures import plot_coverage
+from .grid import engine_coverage_id
+
+
+POLICIES = ("unperturbed", "averaged", "temperature", "one_draw")
+# For the paper: the averaged policy is closer to the engine than both the unperturbed policy and the temperature
+# control in at least this share of seeds (4 of 5) on the positive control and on at least one realistic engine.
+WIN_SHARE = 0.8
+
+
+def coverage_rows(records: list[dict]) -> list[dict]:
+    """One row per (experiment, checkpoint, engine, noise scale, sigma multiplier) with the seeds' values."""
+    rows = {}
+    for record in records:
+        unit = record["unit"]
+        if unit["type"] != "coverage":
+            continue
+        for config in record.get("result", {}).get("configs", []) if record.get("status") == "ok" else []:
+            key = (
+                unit["experiment"],
+                unit["checkpoint"],
+                engine_coverage_id(unit["engine"]),
+                config["noise_scale"],
+                config["multiplier"],
+            )
+            row = rows.setdefault(key, {"key": key, "seeds": []})
+            kl = {name: config["rows"][name]["kl_k3"] for name in POLICIES}
+            row["seeds"].append(
+                {
+                    "seed": unit["seed"],
+                    "sigma": config["sigma"],
+                    "temperature_T": config["temperature_T"],
+                    "tokens": config["rows"]["unperturbed"]["count"],
+                    **{f"kl_{name}": value for name, value in kl.items()},
+                    "averaged_wins": kl["averaged"] < min(kl["unperturbed"], kl["temperature"]),
+                    "envelopes": {name: config["rows"][name]["envelope"] for name in POLICIES},
+                }
+            )
+    return list(rows.values())
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return f"{values[0]:.3g}"
+    return f"{statistics.mean(values):.3g} ± {statistics.stdev(values):.2g}"
+
+
+def verdicts(rows: list[dict], positive_controls: list[str]) -> list[dict]:
+    """Per (experiment, checkpoint, engine): the sigma setting where the averaged policy wins most seeds, and whether
+    that is at least `WIN_SHARE` of them."""
+    best = {}
+    for row in rows:
+        seeds = row["seeds"]
+        wins = sum(s["averaged_wins"] for s in seeds)
+        key = row["key"][:3]
+        if key not in best or wins / len(seeds) > best[key]["wins"] / best[key]["seeds"]:
+            best[key] = {"key": key, "setting": row["key"][3:], "wins": wins, "seeds": len(seeds)}
+    for verdict in best.values():
+        verdict["positive_control"] = verdict["key"][2] in positive_controls
+        verdict["holds"] = verdict["wins"] >= WIN_SHARE * verdict["seeds"]
+    return list(best.values())
+
+
+def overall_verdict(found: list[dict]) -> list[str]:
+    """Per checkpoint, the issue's rule: for the paper when the averaged policy wins on the positive control AND on at
+    least one realistic engine; against when it does not win even on the positive control."""
+    lines = []
+    for checkpoint in sorted({v["key"][1] for v in found}):
+        mine = [v for v in found if v["key"][1] == checkpoint]
+        control = [v for v in mine if v["positive_control"]]
+        realistic = [v for v in mine if not v["positive_control"]]
+        if control and not any(v["holds"] for v in control):
+            text = "against the paper's mechanism: no sigma makes the averaged policy closer, even on the positive control"
+        elif control and any(v["holds"] for v in realistic):
+            text = "for the paper: closer on the positive control and on at least one realistic engine"
+        elif control:
+            text = (
+                "closer on the positive control only: the mechanism works for the theorem's kind of mismatch, not on "
+            )
+            text += "the realistic engines measured"
+        else:
+            text = "no positive control in the grid: no verdict"
+        pending = [v for v in mine if v["seeds"] < 5]
+        if pending:
+            text += f" (provisional: {len(pending)} engine(s) with fewer than 5 seeds)"
+        lines.append(f"- **{checkpoint}**: {text}.")
+    return lines
+
+
+def coverage_section(records: list[dict], experiments: dict, image_dir: str, command: str) -> list[str]:
+    """The coverage experiments' part of the report (empty when the grid has none)."""
+    rows = coverage_rows(records)
+    if not rows:
+        return []
+    positive = [
+        engine_coverage_id(e)
+        for experiment in experiments.values()
+        if experiment["kind"] == "coverage"
+        for e in experiment["engines"]
+        if e.get("positive_control")
+    ]
+    dates = sorted(r.get("started", "")[:10] for r in records if r["unit"]["type"] == "coverage" and "started" in r)
+    lines = [
+        "## Marginal coverage: is the noise-averaged policy closer to the engine?",
+        "",
+        "The quantity of the paper's theorem: KL(inference || pi_bar), pi_bar the perturbed policy averaged over "
+        "the noise (K draws, the mean of their distributions), against the unperturbed policy and a control that "
+        "smooths without noise (the unperturbed policy at the temperature T that gives it pi_bar's mean entropy), "
+        "and one noise draw (what ALP's ratio uses). KL per token, k3 estimate on the tokens the engine sampled "
+        "(unbiased; all four on the same tokens). sigma = multiplier x the engine's scale: the sigma whose single "
+        "draw is as far from the policy as the engine is (`matched_sigma`). 'wins': seeds where pi_bar is closer "
+        "than both the policy and the temperature control.",
+        "",
+        f"Verdicts (as of {dates[-1] if dates else 'n/a'}; reproduce: `{command}`):",
+        "",
+        "| checkpoint | engine | best setting (noise, x scale) | averaged wins | verdict |",
+        "|---|---|---|---:|---|",
+    ]
+    for v in verdicts(rows, positive):
+        _, checkpoint, engine = v["key"]
+        role = " (positive control)" if v["positive_control"] else ""
+        verdict = "averaged closer (paper's claim holds here)" if v["holds"] else "not closer in enough seeds"
+        lines.append(
+            f"| {checkpoint} | {engine}{role} | {v['setting'][0]}, {v['setting'][1]:g}x | {v['wins']} of "
+            f"{v['seeds']} | {verdict} |"
+        )
+    lines += ["", *overall_verdict(verdicts(rows, positive))]
+    path = os.path.join(image_dir, "coverage.png")
+    if plot_coverage(rows, path):
+        lines += ["", f"![coverage](images/{os.path.basename(path)})"]
+    lines += [
+        "",
+        "Per setting (mean ± std over seeds; KL(inference || X) per token):",
+        "",
+        "| checkpoint | engine | noise | x scale | sigma | seeds | tokens | policy | averaged | temperature (T) | "
+        "one draw | wins |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        _, checkpoint, engine, noise, multiplier = row["key"]
+        seeds = row["seeds"]
+
+        def values(name, seeds=seeds):
+            return [s[name] for s in seeds]
+
+        temperature = f"{_mean_std(values('kl_temperature'))} ({statistics.mean(values('temperature_T')):.3g})"
+        lines.append(
+            f"| {checkpoint} | {engine} | {noise} | {multiplier:g} | {statistics.mean(values('sigma')):.3g} | "
+            f"{len(seeds)} | {sum(values('tokens'))} | {_mean_std(values('kl_unperturbed'))} | "
+            f"{_mean_std(values('kl_averaged'))} | {temperature} | {_mean_std(values('kl_one_draw'))} | "
+            f"{sum(values('averaged_wins'))} of {len(seeds)} |"
+        )
+    lines += ["", *_envelope_tables(rows)]
+    return lines
+
+
+def _envelope_tables(rows: list[dict]) -> list[str]:
+    """Figure 2 as a table: at 1x the engine's scale (absolute noise), the log-ratio log p_X(y) - log p_inf(y) per
+    rollout-probability bin, quantiles averaged over seeds, tokens summed."""
+    lines = [
+        "Log-ratio to the engine by rollout probability (1x scale, absolute noise; quantiles averaged over seeds, "
+        "tokens summed over seeds): p1 / p50 / p99 per policy.",
+        "",
+        "| checkpoint | engine | rollout prob. | tokens | policy | averaged | temperature | one draw |",
+        "|---|---|---|---:|---|---|---|---|",
+    ]
+    for row in rows:
+        _, checkpoint, engine, noise, multiplier = row["key"]
+        if noise != "absolute" or multiplier != 1:
+            continue
+        bins = {}
+        for seed in row["seeds"]:
+            for name in POLICIES:
+                for b in seed["envelopes"][name]:
+                    entry = bins.setdefault((b["lo"], b["hi"]), {"count": 0, **{n: [] for n in POLICIES}})
+                    entry[name].append(b)
+                    if name == "unperturbed":
+                        entry["count"] += b["count"]
+        for (lo, hi), entry in sorted(bins.items()):
+            cells = []
+            for name in POLICIES:
+                qs = entry[name]
+                cells.append(
+                    " / ".join(f"{statistics.mean(b[q] for b in qs):+.3f}" for q in ("q01", "q50", "q99"))
+                    if qs
+                    else "n/a"
+                )
+            lines.append(f"| {checkpoint} | {engine} | [{lo:g}, {hi:g}) | {entry['count']} | {' | '.join(cells)} |")
+    return lines + [""]
