@@ -370,9 +370,9 @@ def main(argv=None) -> dict:
     rollout = torch.cat([b.rollout_logps for b in batches])
 
     log_ratios = {}
-    clean = policy_logps(model, batches, None, args.temperature)
+    unperturbed = policy_logps(model, batches, None, args.temperature)
     log_ratios["checkpoint"] = {
-        "unperturbed": clean - rollout,
+        "unperturbed": unperturbed - rollout,
         "perturbed (ALP)": policy_logps(model, batches, perturbation, args.temperature) - rollout,
     }
     report = {
@@ -383,7 +383,7 @@ def main(argv=None) -> dict:
         "rollout_mismatch_std": args.rollout_mismatch_std,
         "num_sequences": int(mask.size(0)),
         "num_tokens": int(mask.sum()),
-        "mismatch": {k: float(v) for k, v in mismatch_statistics(clean, rollout, mask).items()},
+        "mismatch": {k: float(v) for k, v in mismatch_statistics(unperturbed, rollout, mask).items()},
     }
 
     if args.update_lr > 0:

@@ -1,4 +1,5 @@
 import copy
+import json
 import os
 
 
@@ -55,3 +56,18 @@ def prompt_dataset():
 def train_args(tmp_path):
     """Keyword arguments of a tiny, fast CPU run (`helpers.tiny_run_args`), writing to `tmp_path / "out"`."""
     return tiny_run_args(tmp_path / "out")
+
+
+@pytest.fixture(scope="module")
+def tiny_run_assets(tmp_path_factory, _base_models, tokenizer):
+    """The tiny Qwen2 model and tokenizer saved to disk, and 16 problems (`question` / `solution` columns) in a JSONL
+    file: what an entry-point run reads (`helpers.write_tiny_recipe`). Returns `(model_dir, data)`."""
+    root = tmp_path_factory.mktemp("entry")
+    model_dir = root / "tiny-qwen2"
+    _base_models["qwen2"].save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    data = root / "problems.jsonl"
+    with open(data, "w") as f:
+        for i in range(16):
+            f.write(json.dumps({"question": f"What is {i} + 2?", "solution": f"#### {i + 2}"}) + "\n")
+    return model_dir, data

@@ -1,5 +1,5 @@
 """Plain helpers shared by the tests and the launched test workers (the fixtures are in `conftest.py`): the tiny run's
-config and trainer, the tiny entry-point recipe, and `accelerate launch` on CPU processes."""
+config and trainer, the tiny entry-point recipe (and its file), and `accelerate launch` on CPU processes."""
 
 import os
 
@@ -78,6 +78,17 @@ def tiny_recipe(model_dir, output_dir, **overrides) -> dict:
         "report_to": "none",
         **overrides,
     }
+
+
+def write_tiny_recipe(tmp_path, model_dir, data, **overrides):
+    """`tmp_path/recipe.yaml`: the tiny model on the `tiny_run_assets` problems (conftest), output in `tmp_path/run`,
+    with `overrides` on top. Returns its path."""
+    recipe = tiny_recipe(
+        model_dir, tmp_path / "run", dataset_name=str(data), problem_column="question", answer_column="solution"
+    )
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({**recipe, **overrides}))
+    return path
 
 
 def _teardown_abort(result) -> bool:

@@ -1,8 +1,13 @@
-"""The trainer callbacks (`alp_trl.callbacks`): in-training avg@k, and problems dealt out evenly over ranks."""
+"""The trainer callbacks (`alp_trl.callbacks`): the metrics log that survives interruption, in-training avg@k, and
+problems dealt out evenly over ranks."""
+
+from types import SimpleNamespace
 
 import pytest
 
+from alp_trl.callbacks import MetricsJsonlCallback
 from alp_trl.evaluate import load_problems
+from alp_trl.plots import load_history
 
 
 def test_in_training_avg_at_k_is_logged(make_model, tokenizer, prompt_dataset, train_args):
@@ -37,3 +42,20 @@ def test_problems_are_dealt_out_evenly_over_ranks(num_items, world_size):
     assert len({len(share) for share in shares}) == 1, "every rank runs the same number of generations"
     real = sorted(i for share in shares for i in share if i < num_items)
     assert real == list(range(num_items)), "each problem is graded exactly once"
+
+
+def _state(step, zero=True):
+    return SimpleNamespace(global_step=step, epoch=step / 10, is_world_process_zero=zero)
+
+
+def test_metrics_log_is_appended_as_it_goes_and_trimmed_on_resume(tmp_path):
+    args = SimpleNamespace(output_dir=str(tmp_path))
+    callback = MetricsJsonlCallback()
+    callback.on_train_begin(args, _state(0), None)
+    for step in (1, 2, 3):
+        callback.on_log(args, _state(step), None, logs={"reward": float(step), "bad": float("nan")})
+    callback.on_log(args, _state(4, zero=False), None, logs={"reward": 4.0})  # other ranks write nothing
+    assert [r["step"] for r in load_history(str(tmp_path))] == [1, 2, 3]
+    assert load_history(str(tmp_path))[0]["bad"] is None
+    callback.on_train_begin(args, _state(2), None)  # resumed from checkpoint-2: steps after it are dropped
+    assert [r["step"] for r in load_history(str(tmp_path))] == [1, 2]

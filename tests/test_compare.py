@@ -1,14 +1,20 @@
 """`alp-trl compare` (`alp_trl.compare`): one run per method through the shared launcher, then a table, a plot and the
-histories. The end-to-end run with real training is `test_train_entry.py::test_compare_runs_the_new_modes_...`."""
+histories; by hand with a fake launcher, and end to end with real training runs (slow)."""
 
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from alp_trl import compare, train_launch
+
+from .helpers import write_tiny_recipe
+
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _history(reward_scale: float) -> list[dict]:
@@ -75,3 +81,34 @@ def test_each_method_is_launched_with_its_flags_and_tabulated(tmp_path, monkeypa
     saved = json.loads((out / "compare.json").read_text())
     assert set(saved["seconds"]) == {"ALP (token)", "GRPO"} and saved["histories"]["ALP (token)"] == _history(0.1)
     assert (out / "compare.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_compare_runs_the_new_modes_and_tabulates_every_method(tmp_path, tiny_run_assets, monkeypatch):
+    """`alp-trl compare` with the new correction modes: one run per method through the entry point, a table row per
+    method with the reward and the train-rollout KL read from its metrics."""
+    model_dir, data = tiny_run_assets
+    path = write_tiny_recipe(tmp_path, model_dir, data, bf16=False, use_cpu=True, logging_steps=1)
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    histories = compare.main(
+        [
+            "--recipe",
+            str(path),
+            "--out",
+            str(tmp_path / "compare"),
+            "--methods",
+            "Seq-TIS",
+            "GRPO",
+            "GRPO (TRL)",
+            "--max-steps",
+            "1",
+        ]
+    )
+    assert set(histories) == {"Seq-TIS", "GRPO", "GRPO (TRL)"}
+    assert {p.name for p in (tmp_path / "compare").iterdir() if p.is_dir()} == {"seq_tis", "grpo", "grpo_trl"}
+    table = (tmp_path / "compare" / "compare.md").read_text().splitlines()
+    rows = {line.split("|")[1].strip(): line for line in table[2:]}
+    assert set(rows) == set(histories)
+    assert "n/a" not in rows["Seq-TIS"].split("|")[5], "the train-rollout KL column is filled"
+    assert histories["Seq-TIS"][0]["alp/tis_truncated_frac"] >= 0.0
+    assert "rollout_mismatch/kl_k3" in histories["GRPO (TRL)"][0], "metrics-only mode of plain GRPO"

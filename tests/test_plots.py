@@ -1,12 +1,11 @@
-"""Training curves and the metrics log that feeds them."""
+"""Training curves (`alp_trl.plots`): the PNG, the panels, and the history read back from the metrics log or the
+newest checkpoint. (The callback that writes the metrics log: tests/test_callbacks.py.)"""
 
 import json
-from types import SimpleNamespace
 
 import pytest
 
-from alp_trl.callbacks import METRICS_FILE, MetricsJsonlCallback
-from alp_trl.cli import main as cli_main
+from alp_trl.callbacks import METRICS_FILE
 from alp_trl.plots import load_history, metric_series, plot_training_curves
 
 
@@ -36,23 +35,6 @@ def test_plot_writes_a_png(tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def _state(step, zero=True):
-    return SimpleNamespace(global_step=step, epoch=step / 10, is_world_process_zero=zero)
-
-
-def test_metrics_log_is_appended_as_it_goes_and_trimmed_on_resume(tmp_path):
-    args = SimpleNamespace(output_dir=str(tmp_path))
-    callback = MetricsJsonlCallback()
-    callback.on_train_begin(args, _state(0), None)
-    for step in (1, 2, 3):
-        callback.on_log(args, _state(step), None, logs={"reward": float(step), "bad": float("nan")})
-    callback.on_log(args, _state(4, zero=False), None, logs={"reward": 4.0})  # other ranks write nothing
-    assert [r["step"] for r in load_history(str(tmp_path))] == [1, 2, 3]
-    assert load_history(str(tmp_path))[0]["bad"] is None
-    callback.on_train_begin(args, _state(2), None)  # resumed from checkpoint-2: steps after it are dropped
-    assert [r["step"] for r in load_history(str(tmp_path))] == [1, 2]
-
-
 def test_history_falls_back_to_the_newest_checkpoint(tmp_path):
     for step in (2, 10):
         folder = tmp_path / f"checkpoint-{step}"
@@ -61,15 +43,6 @@ def test_history_falls_back_to_the_newest_checkpoint(tmp_path):
     assert len(load_history(str(tmp_path))) == 10
     with pytest.raises(FileNotFoundError, match=METRICS_FILE):
         load_history(str(tmp_path / "nothing"))
-
-
-def test_cli_plot_command(tmp_path, capsys):
-    (tmp_path / METRICS_FILE).write_text("\n".join(json.dumps(r) for r in _history()))
-    cli_main(["plot", str(tmp_path)])
-    assert (tmp_path / "plots" / "training_curves.png").exists()
-    assert "training_curves.png" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        cli_main(["fly"])
 
 
 def test_tool_use_noise_survival_and_weight_panels():

@@ -1,6 +1,6 @@
 """The training entry point end to end: the accelerate configs, and runs through `accelerate launch` (trained, killed
 and resumed, refused when the processes do not form one run). (Recipe parsing and the entry point's parts:
-tests/test_train.py.)"""
+tests/test_train.py; `alp-trl compare` end to end: tests/test_compare.py.)"""
 
 import glob
 import json
@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from .helpers import accelerate_launch, tiny_recipe
+from .helpers import accelerate_launch, write_tiny_recipe
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,31 +49,8 @@ def test_accelerate_configs_load_into_the_intended_state(config):
             assert actual == value, key
 
 
-@pytest.fixture(scope="module")
-def tiny_run_assets(tmp_path_factory, _base_models, tokenizer):
-    root = tmp_path_factory.mktemp("entry")
-    model_dir = root / "tiny-qwen2"
-    _base_models["qwen2"].save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    data = root / "problems.jsonl"
-    with open(data, "w") as f:
-        for i in range(16):
-            f.write(json.dumps({"question": f"What is {i} + 2?", "solution": f"#### {i + 2}"}) + "\n")
-    return model_dir, data
-
-
-def _write_recipe(tmp_path, model_dir, data, **overrides) -> Path:
-    """`tmp_path/recipe.yaml`: the tiny model on the `tiny_run_assets` problems, output in `tmp_path/run`."""
-    recipe = tiny_recipe(
-        model_dir, tmp_path / "run", dataset_name=str(data), problem_column="question", answer_column="solution"
-    )
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump({**recipe, **overrides}))
-    return path
-
-
 def _run_entry(tmp_path, model_dir, data, extra: dict):
-    path = _write_recipe(
+    path = write_tiny_recipe(
         tmp_path,
         model_dir,
         data,
@@ -175,7 +152,7 @@ def test_processes_that_do_not_form_one_run_are_an_error(tmp_path, tiny_run_asse
     """ddp.yaml with 2 processes on a machine without a GPU: two lone runs would overwrite each other; the entry point
     stops before loading a model and says how to run on CPUs. With `--use_cpu true` the same launch trains as DDP."""
     model_dir, data = tiny_run_assets
-    recipe = _write_recipe(tmp_path, model_dir, data, max_completion_length=4, max_steps=1, bf16=False)
+    recipe = write_tiny_recipe(tmp_path, model_dir, data, max_completion_length=4, max_steps=1, bf16=False)
     command = ["-m", "alp_trl.train", "--config", str(recipe)]
     result = accelerate_launch("ddp.yaml", command, tmp_path, 2, expect_success=False)
     assert result.returncode != 0
@@ -184,36 +161,3 @@ def test_processes_that_do_not_form_one_run_are_an_error(tmp_path, tiny_run_asse
     accelerate_launch("ddp.yaml", [*command, "--use_cpu", "true"], tmp_path, 2)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["num_tokens"] > 0 and len([r for r in records if "loss" in r]) == 1
-
-
-@pytest.mark.slow
-def test_compare_runs_the_new_modes_and_tabulates_every_method(tmp_path, tiny_run_assets, monkeypatch):
-    """`alp-trl compare` with the new correction modes: one run per method through the entry point, a table row per
-    method with the reward and the train-rollout KL read from its metrics."""
-    from alp_trl import compare
-
-    model_dir, data = tiny_run_assets
-    path = _write_recipe(tmp_path, model_dir, data, bf16=False, use_cpu=True, logging_steps=1)
-    monkeypatch.setenv("PYTHONPATH", str(REPO))
-    histories = compare.main(
-        [
-            "--recipe",
-            str(path),
-            "--out",
-            str(tmp_path / "compare"),
-            "--methods",
-            "Seq-TIS",
-            "GRPO",
-            "GRPO (TRL)",
-            "--max-steps",
-            "1",
-        ]
-    )
-    assert set(histories) == {"Seq-TIS", "GRPO", "GRPO (TRL)"}
-    assert {p.name for p in (tmp_path / "compare").iterdir() if p.is_dir()} == {"seq_tis", "grpo", "grpo_trl"}
-    table = (tmp_path / "compare" / "compare.md").read_text().splitlines()
-    rows = {line.split("|")[1].strip(): line for line in table[2:]}
-    assert set(rows) == set(histories)
-    assert "n/a" not in rows["Seq-TIS"].split("|")[5], "the train-rollout KL column is filled"
-    assert histories["Seq-TIS"][0]["alp/tis_truncated_frac"] >= 0.0
-    assert "rollout_mismatch/kl_k3" in histories["GRPO (TRL)"][0], "metrics-only mode of plain GRPO"

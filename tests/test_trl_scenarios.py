@@ -9,9 +9,9 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig, PromptTuningConfig, TaskType
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from alp_trl import ALPConfig
+from alp_trl.tiny_models import build_tiny_causal_lm
 
 from .helpers import build_trainer, diversity_reward
 
@@ -84,33 +84,11 @@ SCENARIOS = {
 }
 
 
-def _tiny_moe(vocab_size: int):
-    """A 2-layer Qwen3-MoE (4 experts, 2 per token), randomly initialised."""
-    config = AutoConfig.for_model(
-        "qwen3_moe",
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        moe_intermediate_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        num_experts=4,
-        num_experts_per_tok=2,
-        max_position_embeddings=512,
-        pad_token_id=0,
-        eos_token_id=2,
-    )
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config)
-
-
 def _model(kind, make_model, saved_model_dir, tokenizer):
     if kind == "by_name":
         return saved_model_dir  # TRL then loads a reference model by the same name
     if kind == "moe":
-        return _tiny_moe(len(tokenizer))
+        return build_tiny_causal_lm("qwen3_moe", vocab_size=len(tokenizer), num_layers=2)  # 4 experts, 2 per token
     return make_model()
 
 

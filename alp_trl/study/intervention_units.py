@@ -16,7 +16,7 @@ class InterventionContext:
 
     def __init__(self, grid: dict, out_dir: str):
         self.grid, self.out_dir = grid, out_dir
-        self.model = self.tokenizer = self.clean_state = None
+        self.model = self.tokenizer = self.start_state = None
         self.rollouts = {}
 
     def load_model(self):
@@ -26,13 +26,15 @@ class InterventionContext:
             dtype = getattr(torch, self.grid.get("dtype", "float32"))
             self.model, self.tokenizer = load_policy(self.grid["model"], dtype)
             self.model.to(self.grid.get("device", "cpu"))
-            self.clean_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            self.start_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         return self.model, self.tokenizer
 
     def cached_rollouts(self, experiment: dict, engine: dict, seed: int) -> dict:
-        """Rollouts of one engine and seed (sampled once, cached on disk), the clean policy's log-probs, advantages.
+        """Rollouts of one engine and seed (sampled once, cached on disk), the unperturbed policy's log-probs,
+        advantages.
 
-        On disk the batches are plain 5-tuples, as they always were; in memory they are `RolloutBatch`es."""
+        On disk the batches are plain 5-tuples, as they always were; in memory they are `RolloutBatch`es. The
+        unperturbed log-probs are stored as `"unperturbed"`; caches written before under `"clean"` load as well."""
         key = (experiment["name"], engine_id(engine), seed)
         if key in self.rollouts:
             return self.rollouts[key]
@@ -41,6 +43,8 @@ class InterventionContext:
         if os.path.exists(path):
             cached = torch.load(path, weights_only=False, map_location=self.grid.get("device", "cpu"))
             cached["batches"] = [RolloutBatch(*batch) for batch in cached["batches"]]
+            if "clean" in cached:  # the key of caches written before the rename
+                cached["unperturbed"] = cached.pop("clean")
         else:
             cached = sample_intervention_batch(model, tokenizer, experiment.get("data", {}), engine, seed)
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -49,7 +53,7 @@ class InterventionContext:
         return cached
 
     def restore(self):
-        self.model.load_state_dict(self.clean_state)
+        self.model.load_state_dict(self.start_state)
         self.model.eval()
 
 
@@ -83,12 +87,12 @@ def sample_intervention_batch(model, tokenizer, data: dict, engine: dict, seed: 
     )
     answers = [a for a in prepared["answer"] for _ in range(num_generations)]
     rewards, advantages = group_advantages(tokenizer, batches, answers, num_generations, data.get("reward", "math"))
-    clean = policy_logps(model, batches, None, data.get("temperature", 1.0))
+    unperturbed = policy_logps(model, batches, None, data.get("temperature", 1.0))
     return {
         "batches": batches,
         "advantages": advantages,
         "rewards": rewards,
-        "clean": clean,
+        "unperturbed": unperturbed,
         "temperature": data.get("temperature", 1.0),
         "num_generations": num_generations,
     }
@@ -144,10 +148,10 @@ def run_perturbation_unit(context: InterventionContext, experiment: dict, unit: 
         seed=unit["seed"],
     )
     try:
-        clean = cached["clean"]
+        unperturbed = cached["unperturbed"]
         perturbed = policy_logps(model, batches, perturbation, temperature)
-        result = {  # "unperturbed" is also the engine's own mismatch to the clean policy
-            "unperturbed": log_ratio_summary(clean - rollout, mask),
+        result = {  # "unperturbed": the engine's own mismatch (the unperturbed policy against the rollout)
+            "unperturbed": log_ratio_summary(unperturbed - rollout, mask),
             "perturbed": log_ratio_summary(perturbed - rollout, mask),
         }
         lr = experiment.get("update_lr", 1e-5)
@@ -157,7 +161,7 @@ def run_perturbation_unit(context: InterventionContext, experiment: dict, unit: 
         after_perturbed = policy_logps(model, batches, perturbation, temperature, key=50_000)
         result["alp_update"] = {
             "lr": lr,
-            **measure_update_size(clean, after, mask),
+            **measure_update_size(unperturbed, after, mask),
             "unperturbed_vs_rollout": log_ratio_summary(after - rollout, mask),
             "perturbed_vs_rollout": log_ratio_summary(after_perturbed - rollout, mask),
         }
@@ -171,7 +175,7 @@ def run_bypass_unit(context: InterventionContext, experiment: dict, unit: dict) 
     """Bypass updates at several learning rates: (update size, distance to the rollout after) points."""
     cached, batches, temperature, mask, rollout = _unit_rollouts(context, experiment, unit)
     model = context.model
-    clean = cached["clean"]
+    unperturbed = cached["unperturbed"]
     base_lr = experiment.get("update_lr", 1e-5)
     points = []
     for multiplier in experiment.get("bypass_lr_multipliers", [0.5, 1, 2]):
@@ -182,13 +186,13 @@ def run_bypass_unit(context: InterventionContext, experiment: dict, unit: dict) 
         points.append(
             {
                 "lr": base_lr * multiplier,
-                **measure_update_size(clean, after, mask),
+                **measure_update_size(unperturbed, after, mask),
                 "vs_rollout": log_ratio_summary(after - rollout, mask),
             }
         )
     context.restore()
     return {
-        "engine_mismatch": log_ratio_summary(clean - rollout, mask),
+        "engine_mismatch": log_ratio_summary(unperturbed - rollout, mask),
         "reward_mean": float(cached["rewards"].mean()),
         "points": points,
     }
