@@ -265,6 +265,9 @@ def update_loss(
     return aggregate_policy_loss(loss, settings, num_items=num_items)[0]
 
 
+UPDATE_OPTIMIZERS = ("adamw", "sgd")
+
+
 def one_update(
     model,
     perturbation,
@@ -274,25 +277,37 @@ def one_update(
     temperature: float,
     perturbed: bool,
     settings=None,
+    optimizer: str = "adamw",
+    steps: int = 1,
 ) -> None:
-    """One AdamW step on the ALP (`perturbed=True`) or Bypass objective over all rollouts, with the loss of
-    `ALPGRPOTrainer` (`update_loss`) and the config values of `settings` (`objectives.PolicyLossSettings`; default:
-    `ALPConfig`'s defaults, the correction set by `perturbed`) and the token sum over all rollouts (DAPO). Starts from
-    zero gradients and leaves none behind, so that successive updates from a restored state are independent."""
+    """The intervention's update on the ALP (`perturbed=True`) or Bypass objective over all rollouts, with the loss of
+    `ALPGRPOTrainer` (`update_loss`, the config values of `settings`: `objectives.PolicyLossSettings`, default
+    `ALPConfig`'s defaults with the correction set by `perturbed`) and the token sum over all rollouts (DAPO).
+
+    `optimizer="adamw"`: AdamW from a fresh state, whose first step moves every weight by about `lr` whatever its
+    gradient (nearly a sign step); `"sgd"`: plain gradient descent, which keeps the gradient's magnitudes (what the
+    paper's mechanism acts through). `steps` full-batch steps (fresh noise at each under ALP). Starts from zero
+    gradients and leaves none behind, so that successive updates from a restored state are independent."""
     from .objectives import PolicyLossSettings
 
+    if optimizer not in UPDATE_OPTIMIZERS:
+        raise ValueError(f"`optimizer` got {optimizer!r}; allowed values are {list(UPDATE_OPTIMIZERS)}.")
     if settings is None:
         settings = PolicyLossSettings(off_policy_correction="alp" if perturbed else "bypass")
     params = [p for n, p in model.named_parameters() if "alp_perturbation" not in n]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=lr)
+    else:
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     model.zero_grad(set_to_none=True)
     model.train()
     total_tokens = sum(int(b.completion_mask.sum()) for b in batches)
-    for step, (batch, adv) in enumerate(zip(batches, advantages)):
-        noise_step = 10_000 + step if perturbed else None
-        update_loss(model, perturbation, batch, adv, settings, total_tokens, temperature, noise_step).backward()
-    optimizer.step()
-    model.zero_grad(set_to_none=True)
+    for step in range(steps):
+        for index, (batch, adv) in enumerate(zip(batches, advantages)):
+            noise_step = 10_000 + 100 * step + index if perturbed else None
+            update_loss(model, perturbation, batch, adv, settings, total_tokens, temperature, noise_step).backward()
+        opt.step()
+        model.zero_grad(set_to_none=True)
     model.eval()
 
 
@@ -324,6 +339,14 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--update-lr", type=float, default=1e-5, help="learning rate of the one-step intervention (AdamW); 0 skips it"
     )
+    parser.add_argument(
+        "--update-optimizer",
+        default="adamw",
+        choices=list(UPDATE_OPTIMIZERS),
+        help="adamw: one step from a fresh state (nearly a sign step); sgd: plain gradient descent (keeps the "
+        "gradient's magnitudes; needs a larger --update-lr)",
+    )
+    parser.add_argument("--update-steps", type=int, default=1, help="full-batch steps of the intervention")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="output folder (default: MODEL/diagnose when MODEL is a folder)")
     args = parser.parse_args(argv)
@@ -400,7 +423,17 @@ def main(argv=None) -> dict:
         for perturbed in (False, True):
             model.load_state_dict(start_state)
             torch.manual_seed(args.seed)
-            one_update(model, perturbation, batches, advantages, args.update_lr, args.temperature, perturbed)
+            one_update(
+                model,
+                perturbation,
+                batches,
+                advantages,
+                args.update_lr,
+                args.temperature,
+                perturbed,
+                optimizer=args.update_optimizer,
+                steps=args.update_steps,
+            )
             if perturbed:
                 after["ALP update: perturbed (its ratio)"] = (
                     policy_logps(model, batches, perturbation, args.temperature, key=50_000) - rollout

@@ -51,6 +51,7 @@ def match_sigma_dtype_for_deepspeed(model, perturbation: LayerwisePerturbation) 
 def model_card_section(args, sigma_per_layer: dict[int, float] | None, recipe: str | None) -> str:
     """The model card's "ALP settings" (and "Recipe") section: the correction, the ratio, the clip, and, with a
     perturbation, sigma per layer (`sigma_per_layer`; `None` without one)."""
+    epsilon_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon  # as the loss reads it
     lines = [
         "",
         "## ALP settings",
@@ -58,7 +59,7 @@ def model_card_section(args, sigma_per_layer: dict[int, float] | None, recipe: s
         f"- off_policy_correction: `{args.off_policy_correction}`",
         f"- importance_sampling_level: `{args.importance_sampling_level}` "
         f"(sequence aggregation `{args.sequence_ratio_aggregation}`)",
-        f"- clip: epsilon `{args.epsilon}`, epsilon_high `{args.epsilon_high}`, dual_clip_c `{args.dual_clip_c}`",
+        f"- clip: epsilon `{args.epsilon}`, epsilon_high `{epsilon_high}`, dual_clip_c `{args.dual_clip_c}`",
     ]
     if sigma_per_layer is not None:
         sigma = ", ".join(f"{k}: {v:.4g}" for k, v in sigma_per_layer.items())

@@ -188,3 +188,33 @@ def test_policy_loss_settings_default_to_alpconfig(tmp_path):
     from .helpers import tiny_config
 
     assert PolicyLossSettings.from_config(tiny_config(tmp_path)) == PolicyLossSettings(max_completion_length=8)
+
+
+def test_sgd_update_moves_each_weight_by_its_gradient():
+    """`one_update(optimizer="sgd")` is plain gradient descent on `update_loss`: every weight moves by -lr x its
+    gradient (an AdamW first step moves each by ~lr whatever its gradient); two steps differ from one."""
+    from alp_trl.intervention import RolloutBatch, one_update, update_loss
+    from alp_trl.objectives import PolicyLossSettings
+
+    model = build_tiny_causal_lm("qwen2", vocab_size=64, num_layers=2, hidden_size=16)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    prompt, completion = torch.randint(3, 64, (4, 5), generator=g), torch.randint(3, 64, (4, 6), generator=g)
+    batch = RolloutBatch(
+        prompt, torch.ones_like(prompt), completion, torch.ones_like(completion), torch.full((4, 6), -4.0)
+    )
+    advantages = [torch.tensor([1.0, -1.0, 0.5, -0.5])]
+    settings = PolicyLossSettings(off_policy_correction="bypass")
+    model.train()
+    update_loss(model, None, batch, advantages[0], settings, 24, 1.0).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    one_update(model, None, [batch], advantages, 0.5, 1.0, perturbed=False, optimizer="sgd")
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.detach(), start[name] - 0.5 * grads[name], atol=1e-6, rtol=1e-5, msg=name)
+    one_step = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(start)
+    one_update(model, None, [batch], advantages, 0.5, 1.0, perturbed=False, optimizer="sgd", steps=2)
+    assert any(not torch.equal(v, one_step[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match=r"allowed values are \['adamw', 'sgd'\]"):
+        one_update(model, None, [batch], advantages, 0.5, 1.0, perturbed=False, optimizer="lion")

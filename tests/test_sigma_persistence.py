@@ -23,7 +23,7 @@ def test_model_card_section_of_alp_with_sigma_and_the_recipe(tmp_path):
         "",
         "- off_policy_correction: `alp`",
         "- importance_sampling_level: `token` (sequence aggregation `mean`)",
-        "- clip: epsilon `0.2`, epsilon_high `None`, dual_clip_c `10.0`",
+        "- clip: epsilon `0.2`, epsilon_high `0.2`, dual_clip_c `10.0`",  # unset: epsilon, as the loss reads it
         "- perturb_layers: `all`, sigma shape `scalar`, noise scale `absolute`",
         "- sigma per layer: 0: 0.02, 2: 0.1235",
         "- sigma is stored in `alp_perturbation.safetensors` beside the weights and is not part of them.",

@@ -268,7 +268,18 @@ def test_a_train_unit_launches_the_entry_point_with_the_grids_flags(tmp_path, mo
 
 def test_the_study_package_imports_point_down():
     """Each module of `alp_trl.study` imports only the modules before it (and `alp_trl` modules outside it)."""
-    order = ["grid", "intervention_units", "training_units", "figures", "report", "runner", "__init__", "__main__"]
+    order = [
+        "grid",
+        "intervention_units",
+        "coverage_units",
+        "training_units",
+        "figures",
+        "coverage_report",
+        "report",
+        "runner",
+        "__init__",
+        "__main__",
+    ]
     folder = Path(study.__file__).parent
     assert sorted(p.stem for p in folder.glob("*.py")) == sorted(order)
     for index, module in enumerate(order):
@@ -356,3 +367,58 @@ def test_coverage_grid_errors_name_the_key(tmp_path):
     path.write_text(yaml.safe_dump({"model": "m", "seeds": [0], "experiments": [experiment]}))
     with pytest.raises(ValueError, match="checkpoints.sharp needs a `recipe`"):
         study.load_grid(str(path))
+
+
+def test_after_update_widths_and_share_of_reduction_by_hand():
+    """The after-update comparison of the report: widths of each method's own ratio at the same lr, and ALP's share of
+    Bypass's reduction of the KL to the rollout with Bypass matched to ALP's update size in each KL direction."""
+    from alp_trl.study.report import _after_update
+
+    result = {
+        "unperturbed": {"kl_k3": 0.30},
+        "alp_update": {
+            "lr": 1e-5,
+            "update_size_kl": 0.02,
+            "update_size_reverse_k3": 0.04,
+            "unperturbed_vs_rollout": {"kl_k3": 0.27},
+            "perturbed_vs_rollout": {"width_p01_p99": 4.4},
+        },
+    }
+
+    def point(lr, size, reverse, kl, width):
+        return {
+            "lr": lr,
+            "update_size_kl": size,
+            "update_size_reverse_k3": reverse,
+            "vs_rollout": {"kl_k3": kl, "width_p01_p99": width},
+        }
+
+    points = [point(5e-6, 0.01, 0.01, 0.28, 4.1), point(1e-5, 0.04, 0.04, 0.26, 4.0)]
+    values = _after_update(result, points)
+    assert values["width_bypass_ratio_after"] == 4.0 and values["after_width_ratio"] == pytest.approx(1.1)
+    forward = study.matched_bypass(points, 0.02)  # power law between (0.01, 0.28) and (0.04, 0.26)
+    assert values["bypass_matched_kl_forward"] == pytest.approx(forward)
+    assert values["share_of_reduction_forward"] == pytest.approx((0.30 - 0.27) / (0.30 - forward))
+    assert values["bypass_matched_kl_reverse"] == pytest.approx(0.26)  # reverse size 0.04: the second point
+    assert values["share_of_reduction_reverse"] == pytest.approx(0.03 / 0.04)
+
+
+def test_intervention_with_sgd_keeps_binned_envelopes(tmp_path, saved_model_dir):
+    """`update_optimizer: sgd` and `binned_envelopes: true`: after the update, Figure 2's envelope by rollout probability
+    with token counts, for ALP's ratio, ALP's unperturbed policy and every Bypass point."""
+    path = _grid(tmp_path, saved_model_dir)
+    grid = yaml.safe_load(open(path))
+    grid["experiments"][0].update(
+        update_optimizer="sgd",
+        update_lr=0.05,
+        binned_envelopes=True,
+        perturbations={"list": [{"perturb_sigma_init": 0.1}]},
+    )
+    open(path, "w").write(yaml.safe_dump(grid))
+    records = study.main(["--grid", path, "--out", str(tmp_path / "out")])["records"]
+    assert all(r["status"] == "ok" for r in records), [r.get("error") for r in records]
+    bypass, alp = records[0]["result"], records[1]["result"]["alp_update"]
+    tokens = sum(b["count"] for b in alp["envelopes"]["unperturbed_vs_rollout"])
+    assert tokens == sum(b["count"] for b in alp["envelopes"]["perturbed_vs_rollout"]) > 0
+    assert all(sum(b["count"] for b in p["envelope"]) == tokens for p in bypass["points"])
+    assert alp["update_size_kl"] > 0

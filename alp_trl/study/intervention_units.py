@@ -8,6 +8,7 @@ import torch
 
 from ..data import DEFAULT_PROMPT_TEMPLATE
 from ..intervention import RolloutBatch, group_advantages, one_update, pad_batches, policy_logps, sample_rollouts
+from ..ratio_statistics import binned_log_ratio_envelope
 from .grid import engine_id
 
 
@@ -123,6 +124,11 @@ def measure_update_size(before: torch.Tensor, after: torch.Tensor, mask: torch.T
     }
 
 
+def _update(experiment: dict) -> dict:
+    """The intervention's optimizer and number of steps (`update_optimizer`, `update_steps`; default one AdamW step)."""
+    return {"optimizer": experiment.get("update_optimizer", "adamw"), "steps": experiment.get("update_steps", 1)}
+
+
 def _unit_rollouts(context: InterventionContext, experiment: dict, unit: dict):
     """The cached rollouts of a unit's engine and seed: (cache, batches, temperature, completion mask, rollout logps)."""
     cached = context.cached_rollouts(experiment, unit["engine"], unit["seed"])
@@ -156,7 +162,9 @@ def run_perturbation_unit(context: InterventionContext, experiment: dict, unit: 
         }
         lr = experiment.get("update_lr", 1e-5)
         torch.manual_seed(unit["seed"])
-        one_update(model, perturbation, batches, cached["advantages"], lr, temperature, perturbed=True)
+        one_update(
+            model, perturbation, batches, cached["advantages"], lr, temperature, perturbed=True, **_update(experiment)
+        )
         after = policy_logps(model, batches, None, temperature)
         after_perturbed = policy_logps(model, batches, perturbation, temperature, key=50_000)
         result["alp_update"] = {
@@ -165,6 +173,11 @@ def run_perturbation_unit(context: InterventionContext, experiment: dict, unit: 
             "unperturbed_vs_rollout": log_ratio_summary(after - rollout, mask),
             "perturbed_vs_rollout": log_ratio_summary(after_perturbed - rollout, mask),
         }
+        if experiment.get("binned_envelopes"):  # Figure 2: by rollout probability, with token counts
+            result["alp_update"]["envelopes"] = {
+                "perturbed_vs_rollout": binned_log_ratio_envelope(after_perturbed - rollout, rollout, mask),
+                "unperturbed_vs_rollout": binned_log_ratio_envelope(after - rollout, rollout, mask),
+            }
     finally:
         perturbation.detach()
         context.restore()
@@ -181,15 +194,25 @@ def run_bypass_unit(context: InterventionContext, experiment: dict, unit: dict) 
     for multiplier in experiment.get("bypass_lr_multipliers", [0.5, 1, 2]):
         context.restore()
         torch.manual_seed(unit["seed"])
-        one_update(model, None, batches, cached["advantages"], base_lr * multiplier, temperature, perturbed=False)
-        after = policy_logps(model, batches, None, temperature)
-        points.append(
-            {
-                "lr": base_lr * multiplier,
-                **measure_update_size(unperturbed, after, mask),
-                "vs_rollout": log_ratio_summary(after - rollout, mask),
-            }
+        one_update(
+            model,
+            None,
+            batches,
+            cached["advantages"],
+            base_lr * multiplier,
+            temperature,
+            perturbed=False,
+            **_update(experiment),
         )
+        after = policy_logps(model, batches, None, temperature)
+        point = {
+            "lr": base_lr * multiplier,
+            **measure_update_size(unperturbed, after, mask),
+            "vs_rollout": log_ratio_summary(after - rollout, mask),
+        }
+        if experiment.get("binned_envelopes"):
+            point["envelope"] = binned_log_ratio_envelope(after - rollout, rollout, mask)
+        points.append(point)
     context.restore()
     return {
         "engine_mismatch": log_ratio_summary(unperturbed - rollout, mask),
@@ -198,15 +221,13 @@ def run_bypass_unit(context: InterventionContext, experiment: dict, unit: dict) 
     }
 
 
-def matched_bypass(points: list[dict], update_size: float, key: str = "kl_k3") -> float | None:
+def matched_bypass(
+    points: list[dict], update_size: float, key: str = "kl_k3", size_key: str = "update_size_kl"
+) -> float | None:
     """Bypass's distance to the rollout (`vs_rollout[key]`) at the given update size, interpolated between its measured
     points as a power law (linear in log-log: a distance proportional to the update size, as when the engine is close
     to the policy, is interpolated exactly); `None` outside their range."""
-    pts = sorted(
-        (p["update_size_kl"], p["vs_rollout"][key])
-        for p in points
-        if p["update_size_kl"] > 0 and p["vs_rollout"][key] > 0
-    )
+    pts = sorted((p[size_key], p["vs_rollout"][key]) for p in points if p[size_key] > 0 and p["vs_rollout"][key] > 0)
     if update_size <= 0 or not pts or not pts[0][0] <= update_size <= pts[-1][0]:
         return None
     for (x0, y0), (x1, y1) in zip(pts, pts[1:]):

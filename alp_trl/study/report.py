@@ -55,9 +55,32 @@ def intervention_rows(records: list[dict]) -> list[dict]:
                 "alp_update_size": alp["update_size_kl"],
                 "alp_after_kl": alp["unperturbed_vs_rollout"]["kl_k3"],
                 "bypass_matched_kl": matched_bypass(points, alp["update_size_kl"]),
+                **_after_update(res, points),
             }
         )
     return list(rows.values())
+
+
+def _after_update(result: dict, points: list[dict]) -> dict:
+    """What the intervention stored after the update, side by side with Bypass: the width of each one's own ratio
+    (ALP's perturbed policy, Bypass's policy, against the rollout) at the same learning rate; and, for Bypass matched to
+    ALP's update size in each KL direction, Bypass's KL to the rollout and ALP's share of Bypass's reduction of it
+    (engine KL - after) / (engine KL - Bypass's after): 1 = as much as Bypass, below 1 less."""
+    alp, engine_kl = result["alp_update"], result["unperturbed"]["kl_k3"]
+    same_lr = next((p for p in points if math.isclose(p["lr"], alp["lr"], rel_tol=1e-9)), None)
+    values = {
+        "width_alp_ratio_after": alp["perturbed_vs_rollout"]["width_p01_p99"],
+        "width_bypass_ratio_after": same_lr["vs_rollout"]["width_p01_p99"] if same_lr else None,
+    }
+    if same_lr:
+        values["after_width_ratio"] = values["width_alp_ratio_after"] / max(values["width_bypass_ratio_after"], 1e-12)
+    for direction, size_key in (("forward", "update_size_kl"), ("reverse", "update_size_reverse_k3")):
+        matched = matched_bypass(points, alp[size_key], size_key=size_key)
+        values[f"bypass_matched_kl_{direction}"] = matched
+        reduction = engine_kl - matched if matched is not None else None
+        share = (engine_kl - alp["unperturbed_vs_rollout"]["kl_k3"]) / reduction if reduction else None
+        values[f"share_of_reduction_{direction}"] = share
+    return values
 
 
 def _own_seeds(grid: dict) -> str:
@@ -124,12 +147,40 @@ def _intervention_section(records: list[dict], image_dir: str) -> list[str]:
         "at the same update size (KL before -> after; interpolated as a power law between Bypass updates at "
         "several learning rates; n/a when ALP's update size is outside their range).",
         "",
-        "| engine | noise | sigma | layers | seeds | engine KL | width clean | width perturbed | ratio | "
+        "| engine | noise | sigma | layers | seeds | engine KL | width unperturbed | width perturbed | ratio | "
         "KL perturbed | ALP update size | ALP after: KL to rollout | Bypass, matched size |",
         "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         *(_intervention_row(row) for row in rows),
         "",
+        "After the update, side by side with Bypass (mean ± std over seeds): the width p99 - p1 of each method's own "
+        "ratio against the rollout at the same learning rate (ALP: its perturbed policy; ratio < 1: ALP's narrower), "
+        "and Bypass matched to ALP's update size in each KL direction (forward: KL(before || after); reverse: "
+        "KL(after || before)), with ALP's share of Bypass's change of the KL to the rollout, (engine KL - ALP after) "
+        "/ (engine KL - Bypass after): where the update brings the policy closer to the rollout (logit noise), 1 "
+        "is as much as Bypass and below 1 less; where the engine is closer to the policy than any update (bf16), "
+        "both move away and above 1 means ALP moved farther.",
+        "",
+        "| engine | noise | sigma | layers | seeds | width ALP ratio after | width Bypass ratio after | ratio | "
+        "Bypass matched (fwd) | share (fwd) | Bypass matched (rev) | share (rev) |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *(_after_update_row(row) for row in rows),
+        "",
     ]
+
+
+def _after_update_row(row: dict) -> str:
+    seeds, config = row["seeds"], row["config"]
+
+    def col(name):
+        return mean_std([s.get(name) for s in seeds])
+
+    return (
+        f"| {row['key'][1]} | {config['perturb_noise_scale']} | {config['perturb_sigma_init']:g} | "
+        f"{config['perturb_layers']} | {len(seeds)} | {col('width_alp_ratio_after')} | "
+        f"{col('width_bypass_ratio_after')} | {col('after_width_ratio')} | {col('bypass_matched_kl_forward')} | "
+        f"{col('share_of_reduction_forward')} | {col('bypass_matched_kl_reverse')} | "
+        f"{col('share_of_reduction_reverse')} |"
+    )
 
 
 def _intervention_row(row: dict) -> str:
