@@ -96,11 +96,15 @@ class ALPConfig(GRPOConfig):
         log_rollout_mismatch (`bool`, *optional*, defaults to `False`):
             Log the rollout engine's distance from the unperturbed training policy (`rollout_mismatch/*`) at every
             generation, with any correction. With `"none"` this is a metrics-only mode: the loss stays TRL's.
+        log_unperturbed_ratio (`bool`, *optional*, defaults to `False`):
+            ALP only: also log the ratio of the unperturbed policy to the rollout (`alp/unperturbed_ratio/*`,
+            `alp/unperturbed_train_rollout_kl`) beside the perturbed one ALP optimises, at the cost of one no-grad
+            forward pass per micro-batch. Shows whether the policy itself drifts from the engine under ALP.
         rollout_mismatch (`str`, *optional*, defaults to `"none"`):
             Rollout-mismatch simulator for CPU / transformers generation (see `alp_trl.rollout_mismatch`): sample the
             completions from a deliberately different copy of the policy, `"bf16"` / `"fp16"` (weights rounded),
-            `"logit_noise"` or `"hidden_noise"` (Gaussian noise of std `rollout_mismatch_std`), and use its log-probs
-            as the rollout log-probs. The measured mismatch is logged under `rollout_mismatch/*`.
+            `"bf16_activations"` (the whole forward in bf16), `"logit_noise"` or `"hidden_noise"` (Gaussian noise of
+            std `rollout_mismatch_std`), and use its log-probs as the rollout log-probs. The measured mismatch is logged under `rollout_mismatch/*`.
         rollout_mismatch_std (`float`, *optional*, defaults to `0.0`):
             Noise std of the `*_noise` kinds.
         vllm_importance_sampling_correction (`bool` or `None`, *optional*, defaults to `None`):
@@ -255,11 +259,19 @@ class ALPConfig(GRPOConfig):
             "off_policy_correction='none' a metrics-only mode."
         },
     )
+    log_unperturbed_ratio: bool = field(
+        default=False,
+        metadata={
+            "help": "ALP only: also log the unperturbed policy's ratio to the rollout (alp/unperturbed_ratio/*), one "
+            "extra no-grad forward per micro-batch."
+        },
+    )
     rollout_mismatch: str = field(
         default="none",
         metadata={
             "help": "Simulate a train-inference mismatch without vLLM: sample from the policy with weights rounded "
-            "('bf16', 'fp16') or with Gaussian noise on its logits / hidden states ('logit_noise', 'hidden_noise').",
+            "('bf16', 'fp16'), the whole forward in bf16 ('bf16_activations') or with Gaussian noise on its logits / "
+            "hidden states ('logit_noise', 'hidden_noise').",
             "choices": list(MISMATCH_KINDS),
         },
     )

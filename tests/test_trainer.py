@@ -517,6 +517,22 @@ def test_noise_survival_is_logged_per_layer(make_model, tokenizer, prompt_datase
     assert "alp/noise_survival" not in bypass.state.log_history[0]
 
 
+def test_unperturbed_ratio_is_logged_beside_the_perturbed_one(make_model, tokenizer, prompt_dataset, train_args):
+    """`log_unperturbed_ratio`: on the first step (fp32 transformers generation, no engine mismatch) the unperturbed
+    policy IS the rollout policy, so its ratio is 1 and its KL ~0, while ALP's perturbed ratio is off by its noise."""
+    config = ALPConfig(**{**train_args, "max_steps": 1}, perturb_sigma_init=0.5, log_unperturbed_ratio=True)
+    trainer = build_trainer(make_model(), tokenizer, prompt_dataset, config)
+    trainer.train()
+    logged = trainer.state.log_history[0]
+    assert logged["alp/unperturbed_train_rollout_kl"] < 1e-8
+    assert logged["alp/unperturbed_ratio/p50"] == pytest.approx(1.0, abs=1e-4)
+    assert logged["alp/unperturbed_log_ratio_abs_max"] < 1e-4
+    assert logged["alp/train_rollout_kl"] > 1e-4  # the perturbed ratio ALP optimises
+    plain = build_trainer(make_model(), tokenizer, prompt_dataset, ALPConfig(**{**train_args, "max_steps": 1}))
+    plain.train()
+    assert "alp/unperturbed_train_rollout_kl" not in plain.state.log_history[0]  # opt-in
+
+
 @pytest.mark.parametrize("level", ["token", "sequence"])
 @pytest.mark.parametrize("shape", ["scalar", "channel"])
 def test_sigma_gradient_matches_a_central_finite_difference(
