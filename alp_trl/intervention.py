@@ -160,6 +160,22 @@ def sample_rollouts(
     return batches
 
 
+def prepared_prompts(tokenizer, data: dict) -> dict:
+    """The prompts and gold answers a study experiment's `data` settings name (`dataset`, `split`, `num_prompts`,
+    columns, `prompt_template`): chat messages for a chat model, `{"prompt": [...], "answer": [...]}`."""
+    from .data import build_prompts, load_split
+
+    raw = load_split(data.get("dataset", "builtin:arithmetic"), split=data.get("split", "test"))
+    raw = raw.select(range(min(data.get("num_prompts", 8), len(raw))))
+    return build_prompts(
+        raw,
+        data.get("problem_column", "problem"),
+        data.get("answer_column", "answer"),
+        data.get("prompt_template", DEFAULT_PROMPT_TEMPLATE),
+        conversational=tokenizer.chat_template is not None,
+    )
+
+
 def pad_batches(batches: list[RolloutBatch]) -> list[RolloutBatch]:
     """Right-pad every batch's completion tensors to the widest completion, so they concatenate."""
     width = max(b.completion_ids.size(1) for b in batches)

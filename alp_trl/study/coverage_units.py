@@ -13,8 +13,7 @@ import os
 
 import torch
 
-from ..data import DEFAULT_PROMPT_TEMPLATE
-from ..intervention import RolloutBatch, pad_batches, sample_rollouts
+from ..intervention import RolloutBatch, pad_batches, prepared_prompts, sample_rollouts
 from ..marginal_coverage import coverage, kl_to_inference, matched_sigma
 from .grid import engine_coverage_id
 
@@ -70,18 +69,7 @@ class CoverageContext:
 
 def prompts_of(tokenizer, data: dict) -> list:
     """The experiment's prompts (chat messages for a chat model), from its `data` settings."""
-    from ..data import build_prompts, load_split
-
-    raw = load_split(data.get("dataset", "builtin:arithmetic"), split=data.get("split", "test"))
-    raw = raw.select(range(min(data.get("num_prompts", 8), len(raw))))
-    prepared = build_prompts(
-        raw,
-        data.get("problem_column", "problem"),
-        data.get("answer_column", "answer"),
-        data.get("prompt_template", DEFAULT_PROMPT_TEMPLATE),
-        conversational=tokenizer.chat_template is not None,
-    )
-    return prepared["prompt"]
+    return prepared_prompts(tokenizer, data)["prompt"]
 
 
 def sample_vllm_rollouts(

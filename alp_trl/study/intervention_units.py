@@ -6,8 +6,15 @@ import os
 
 import torch
 
-from ..data import DEFAULT_PROMPT_TEMPLATE
-from ..intervention import RolloutBatch, group_advantages, one_update, pad_batches, policy_logps, sample_rollouts
+from ..intervention import (
+    RolloutBatch,
+    group_advantages,
+    one_update,
+    pad_batches,
+    policy_logps,
+    prepared_prompts,
+    sample_rollouts,
+)
 from ..ratio_statistics import binned_log_ratio_envelope
 from .grid import engine_id
 
@@ -59,17 +66,7 @@ class InterventionContext:
 
 
 def sample_intervention_batch(model, tokenizer, data: dict, engine: dict, seed: int) -> dict:
-    from ..data import build_prompts, load_split
-
-    raw = load_split(data.get("dataset", "builtin:arithmetic"), split=data.get("split", "test"))
-    raw = raw.select(range(min(data.get("num_prompts", 8), len(raw))))
-    prepared = build_prompts(
-        raw,
-        data.get("problem_column", "problem"),
-        data.get("answer_column", "answer"),
-        data.get("prompt_template", DEFAULT_PROMPT_TEMPLATE),
-        conversational=tokenizer.chat_template is not None,
-    )
+    prepared = prepared_prompts(tokenizer, data)
     num_generations = data.get("num_generations", 4)
     torch.manual_seed(seed)
     batches = pad_batches(
