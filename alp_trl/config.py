@@ -101,7 +101,7 @@ class ALPConfig(GRPOConfig):
             `alp/unperturbed_train_rollout_kl`) beside the perturbed one ALP optimises, at the cost of one no-grad
             forward pass per micro-batch. Shows whether the policy itself drifts from the engine under ALP.
         rollout_mismatch (`str`, *optional*, defaults to `"none"`):
-            Rollout-mismatch simulator for CPU / transformers generation (see `alp_trl.rollout_mismatch`): sample the
+            Rollout-mismatch simulator for CPU / transformers generation (see `alp_trl.simulated_engine`): sample the
             completions from a deliberately different copy of the policy, `"bf16"` / `"fp16"` (weights rounded),
             `"bf16_activations"` (the whole forward in bf16), `"logit_noise"` or `"hidden_noise"` (Gaussian noise of
             std `rollout_mismatch_std`), and use its log-probs as the rollout log-probs. The measured mismatch is logged under `rollout_mismatch/*`.

@@ -250,7 +250,7 @@ def merged_model_folder(path: str, out_dir: str) -> str:
     written once to `out_dir/merged`."""
     if not os.path.exists(os.path.join(path, "adapter_config.json")):
         return path
-    from .models import load_policy
+    from .model_loading import load_policy
 
     target = os.path.join(out_dir, "merged")
     if not os.path.exists(os.path.join(target, "config.json")):
@@ -354,7 +354,7 @@ def main(argv=None) -> dict:
     start = time.time()
     benchmarks = {name: load_problems(name, args.limit) for name in args.benchmarks}
 
-    from .models import load_policy
+    from .model_loading import load_policy
 
     model, tokenizer = (None, None)
     if backend == "transformers":
@@ -364,7 +364,7 @@ def main(argv=None) -> dict:
     else:
         from transformers import AutoTokenizer
 
-        from .models import resolve_model_path
+        from .model_loading import resolve_model_path
 
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(args.model))
 
@@ -383,7 +383,7 @@ def main(argv=None) -> dict:
     for name, problems in benchmarks.items():
         prompts = [render(p["problem"]) for p in problems]
         if backend == "vllm":
-            from .models import resolve_model_path
+            from .model_loading import resolve_model_path
 
             completions = generate_vllm(
                 merged_model_folder(resolve_model_path(args.model), out_dir),

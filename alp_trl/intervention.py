@@ -377,7 +377,7 @@ def main(argv=None) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     start = time.time()
 
-    from .models import load_policy
+    from .model_loading import load_policy
 
     model, tokenizer = load_policy(args.model)
     raw = load_split(args.dataset, split=args.split)

@@ -144,12 +144,12 @@ def sample_with_logprobs(
 ) -> tuple[list[list[int]], list[list[float]]]:
     """
     Sample one completion per (left-padded) prompt from `model`, optionally turned into a simulated inference engine
-    (`alp_trl.rollout_mismatch`), with untruncated sampling (`top_p=1`, `top_k=0`). Returns each completion's token ids
+    (`alp_trl.simulated_engine`), with untruncated sampling (`top_p=1`, `top_k=0`). Returns each completion's token ids
     (cut after the first EOS) and the sampling log-probs of those tokens.
     """
     from transformers import GenerationConfig
 
-    from .rollout_mismatch import simulated_sampler
+    from .simulated_engine import simulated_sampler
 
     config = GenerationConfig(
         do_sample=True,

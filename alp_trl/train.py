@@ -206,7 +206,7 @@ def load_datasets(script_args: ALPScriptArguments, training_args: ALPConfig, con
 def load_tokenizer(model_args: ModelConfig, training_args: ALPConfig):
     from transformers import AutoTokenizer
 
-    from .models import resolve_model_path
+    from .model_loading import resolve_model_path
 
     tokenizer = AutoTokenizer.from_pretrained(
         resolve_model_path(model_args.model_name_or_path),
@@ -223,7 +223,7 @@ def load_model(model_args: ModelConfig, training_args: ALPConfig):
     from transformers import AutoModelForCausalLM
     from trl import get_quantization_config
 
-    from .models import resolve_model_path
+    from .model_loading import resolve_model_path
 
     dtype = model_args.dtype if model_args.dtype in ("auto", None) else getattr(torch, model_args.dtype)
     quantization_config = get_quantization_config(model_args)
@@ -293,6 +293,35 @@ def check_distributed_launch(training_args: ALPConfig) -> None:
             flush=True,
         )
         raise SystemExit(2)
+
+
+def release_process_groups() -> None:
+    """Free the process groups that outlive `destroy_process_group`, so that their gloo threads are joined now.
+
+    `torch.distributed.destroy_process_group` only forgets a group; the group (and, with gloo, its two worker threads
+    and its device's TCP loop thread) lives as long as anything references it. DeepSpeed keeps references in module
+    globals: ZeRO-3 pushes the model onto `deepspeed.runtime.zero.parameter_offload.FWD_MODULE_STACK` for good (every
+    partitioned parameter holds the world group in `ds_process_group`) and `deepspeed.utils.groups` holds its copy of
+    the world group. Left there, both groups were never freed: gloo's 6 threads still ran while `exit()` tore the C++
+    runtime down, where a 2-process ZeRO-3 CPU run rarely died with "terminate called without an active exception"
+    (SIGABRT) after training had finished. This drops those references and collects, so the groups' destructors join
+    their threads while the interpreter is alive. Call it after `destroy_process_group`, once nothing else of the run
+    (trainer, model) is referenced."""
+    import gc
+
+    offload = sys.modules.get("deepspeed.runtime.zero.parameter_offload")
+    if offload is not None:
+        offload.FWD_MODULE_STACK.clear()
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is not None:
+        import torch.distributed as dist
+
+        for name, value in list(vars(groups).items()):
+            if isinstance(value, dist.ProcessGroup):
+                setattr(groups, name, None)
+            elif isinstance(value, dict) and any(isinstance(v, dist.ProcessGroup) for v in value.values()):
+                value.clear()
+    gc.collect()
 
 
 def main(argv=None) -> None:
@@ -390,11 +419,14 @@ def main(argv=None) -> None:
         trainer.save_metrics("eval", metrics)
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_label, tags=["alp-trl"])
-    # All ranks leave together (the main process writes the card and plots last) and tear the process group down
-    # while the interpreter is alive: gloo work objects left to interpreter finalisation can abort the process
-    # (SIGABRT, seen rarely on rank 1 of 2-process CPU runs before this).
-    trainer.accelerator.wait_for_everyone()
-    trainer.accelerator.end_training()
+    # All ranks leave together (the main process writes the card and plots last), then the process groups are torn
+    # down and freed while the interpreter is alive (see `release_process_groups`).
+    accelerator = trainer.accelerator
+    accelerator.wait_for_everyone()
+    accelerator.free_memory()  # a DeepSpeed engine is destroyed (its ZeRO-3 hooks removed)
+    accelerator.end_training()
+    del trainer, model, accelerator
+    release_process_groups()
 
 
 if __name__ == "__main__":

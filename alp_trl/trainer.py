@@ -52,9 +52,9 @@ from .rollout_logprobs import (
     RecordingMismatch,
     capture_generation_logprobs,
 )
-from .rollout_mismatch import simulated_sampler
 from .sampling_replay import SamplingTruncation, replayed_forward, truncated_sampling_warning
 from .sigma_persistence import SyncRefModelWithoutSigma, match_sigma_dtype_for_deepspeed, model_card_section
+from .simulated_engine import simulated_sampler
 from .tool_rollout import tool_rollout_func
 from .vllm_engine import (
     EngineFailure,

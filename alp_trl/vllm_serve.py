@@ -91,7 +91,7 @@ def main(argv=None) -> None:
         parser.error(reason)
     import torch
 
-    from .models import resolve_model_path
+    from .model_loading import resolve_model_path
 
     command, env = serve_command(args, resolve_model_path(args.model), torch.cuda.is_available())
     print("running:", " ".join(command[1:]), flush=True)

@@ -38,7 +38,7 @@ def build_model(name: str, device: str, dtype):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from alp_trl.models import resolve_model_path
+    from alp_trl.model_loading import resolve_model_path
     from alp_trl.tiny_models import build_tiny_causal_lm, build_tiny_tokenizer
 
     torch.manual_seed(0)

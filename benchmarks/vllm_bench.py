@@ -33,7 +33,7 @@ def run_backend(name: str, steps: int, batch: int, length: int, out_dir: str) ->
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from alp_trl import ALPConfig, ALPGRPOTrainer
-    from alp_trl.models import resolve_model_path
+    from alp_trl.model_loading import resolve_model_path
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     path = resolve_model_path("embedded:smollm2-135m-instruct")

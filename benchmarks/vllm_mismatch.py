@@ -31,7 +31,7 @@ def measure(dtype: str, prompts: int, n: int, max_tokens: int, seed: int) -> dic
     from vllm import LLM, SamplingParams
 
     from alp_trl.data import load_split
-    from alp_trl.models import resolve_model_path
+    from alp_trl.model_loading import resolve_model_path
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")

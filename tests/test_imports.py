@@ -119,7 +119,7 @@ def test_the_trainer_imports_no_experiment_tool():
 def test_the_graph_covers_the_study_package_and_imports_with_two_dots():
     graph = _graph()
     assert {"study", "study.grid", "study.report", "study.runner", "study.__main__"} <= set(graph)
-    assert {"data", "intervention", "study.grid"} <= graph["study.intervention_units"], "`..x` and `.x`"
+    assert {"model_loading", "intervention", "study.grid"} <= graph["study.intervention_units"], "`..x` and `.x`"
     assert graph["study.__main__"] == {"study"}, "`from . import main` in a sub-package names the package"
     assert {"study.grid", "study.report", "study.runner"} <= graph["study"]
 

@@ -37,7 +37,7 @@ class CoverageContext:
 
     def model(self, path: str):
         if self._model_path != path:
-            from ..models import load_policy
+            from ..model_loading import load_policy
 
             self._model, self._tokenizer = load_policy(path)
             self._model_path = path
@@ -45,7 +45,7 @@ class CoverageContext:
 
     def vllm(self, path: str, dtype: str, seed: int):
         """A vLLM engine on `path` (in this process, eager on a CPU), reused across seeds of the same checkpoint."""
-        from ..models import resolve_model_path
+        from ..model_loading import resolve_model_path
 
         key = (path, dtype)
         if self._llm_key != key:

@@ -29,7 +29,7 @@ class InterventionContext:
 
     def load_model(self):
         if self.model is None:
-            from ..models import load_policy
+            from ..model_loading import load_policy
 
             dtype = getattr(torch, self.grid.get("dtype", "float32"))
             self.model, self.tokenizer = load_policy(self.grid["model"], dtype)

@@ -68,7 +68,7 @@ def run(scenario: str, out_path: str) -> None:
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from alp_trl.models import resolve_model_path
+    from alp_trl.model_loading import resolve_model_path
     from alp_trl.perturbation import MODULE_NAME
     from tests.helpers import build_trainer
 

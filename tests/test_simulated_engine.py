@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from alp_trl import ALPConfig
-from alp_trl.rollout_mismatch import simulated_sampler
+from alp_trl.simulated_engine import simulated_sampler
 
 from .helpers import build_trainer
 
