@@ -136,6 +136,9 @@ def accelerate_launch(
     if expect_success and result.returncode != 0 and _teardown_abort(result) and _recipe_output_dir(target):
         # A worker that finished training and saving can still abort in C++ teardown at interpreter exit (gloo /
         # DeepSpeed threads; rare, seen once under heavy CPU load with ZeRO-3): relaunch once from scratch, say so.
+        # The likely cause (ZeRO-3's gloo groups never freed, their threads alive in exit()) is removed by
+        # `alp_trl.train.release_process_groups`; the abort itself was not reproduced (0 of 14 runs before that), so
+        # the relaunch stays until a run shows it gone.
         import shutil
         import warnings
 
