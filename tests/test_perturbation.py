@@ -26,6 +26,7 @@ EXPECTED_PATHS = {
     "mistral": "model.layers",
     "gemma": "model.layers",
     "gpt2": "transformer.h",
+    "qwen3_moe": "model.layers",
 }
 
 
