@@ -110,7 +110,9 @@ def vllm_server(tmp_path_factory):
                 pass
             if server.poll() is not None or time.time() > deadline:
                 log.flush()
-                pytest.fail(f"vllm-serve did not come up:\n{open(log.name).read()[-4000:]}")
+                text = open(log.name).read()
+                causes = [line for line in text.splitlines() if "Error" in line or "error:" in line][:20]
+                pytest.fail("vllm-serve did not come up:\n" + "\n".join(causes) + f"\n...\n{text[-3000:]}")
             time.sleep(2)
         yield url
     finally:
