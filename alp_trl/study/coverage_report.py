@@ -70,28 +70,32 @@ def verdicts(rows: list[dict], positive_controls: list[str]) -> list[dict]:
     return list(best.values())
 
 
-def overall_verdict(found: list[dict]) -> list[str]:
+def overall_verdict(found: list[dict], planned: list[str] | None = None) -> list[str]:
     """Per checkpoint, the issue's rule: for the paper when the averaged policy wins on the positive control AND on at
-    least one realistic engine; against when it does not win even on the positive control."""
+    least one realistic engine; against when it does not win even on the positive control. `planned`: every engine of
+    the grid, so that one without results yet is named as not measured rather than counted as a loss."""
     lines = []
     for checkpoint in sorted({v["key"][1] for v in found}):
         mine = [v for v in found if v["key"][1] == checkpoint]
+        unmeasured = [e for e in planned or [] if e not in {v["key"][2] for v in mine}]
         control = [v for v in mine if v["positive_control"]]
         realistic = [v for v in mine if not v["positive_control"]]
         if control and not any(v["holds"] for v in control):
             text = "against the paper's mechanism: no sigma makes the averaged policy closer, even on the positive control"
         elif control and any(v["holds"] for v in realistic):
             text = "for the paper: closer on the positive control and on at least one realistic engine"
+        elif control and not realistic:
+            text = "closer on the positive control; no realistic engine measured yet"
         elif control:
-            text = (
-                "closer on the positive control only: the mechanism works for the theorem's kind of mismatch, not on "
-            )
-            text += "the realistic engines measured"
+            text = "closer on the positive control only: the mechanism works for the theorem's kind of mismatch, "
+            text += "not on the realistic engines measured"
         else:
             text = "no positive control in the grid: no verdict"
         pending = [v for v in mine if v["seeds"] < 5]
         if pending:
             text += f" (provisional: {len(pending)} engine(s) with fewer than 5 seeds)"
+        if unmeasured:
+            text += f"; not measured yet: {', '.join(unmeasured)}"
         lines.append(f"- **{checkpoint}**: {text}.")
     return lines
 
@@ -133,7 +137,13 @@ def coverage_section(records: list[dict], experiments: dict, image_dir: str, com
             f"| {checkpoint} | {engine}{role} | {v['setting'][0]}, {v['setting'][1]:g}x | {v['wins']} of "
             f"{v['seeds']} | {verdict} |"
         )
-    lines += ["", *overall_verdict(verdicts(rows, positive))]
+    planned = [
+        engine_coverage_id(e)
+        for experiment in experiments.values()
+        if experiment["kind"] == "coverage"
+        for e in experiment["engines"]
+    ]
+    lines += ["", *overall_verdict(verdicts(rows, positive), planned)]
     path = os.path.join(image_dir, "coverage.png")
     if plot_coverage(rows, path):
         lines += ["", f"![coverage](images/{os.path.basename(path)})"]

@@ -113,9 +113,9 @@ def _setup_section(results: dict, command: str) -> list[str]:
     machines = sorted({r.get("machine", "?") for r in done})
     seconds = sum(r.get("seconds", 0) for r in records)
     return [
-        "# Evidence: what ALP does on this repository's models",
+        f"# {grid.get('title', 'Evidence: what ALP does on this repository' + chr(39) + 's models')}",
         "",
-        f"Reproduce: `{command}` (resumable; `make study`). Grid: `{results['grid_path']}`, model "
+        f"Reproduce: `{command}` (resumable; `make {grid.get('make_target', 'study')}`). Grid: `{results['grid_path']}`, model "
         f"`{grid['model']}`, seeds {grid['seeds']}{_own_seeds(grid)}. Machine(s): {'; '.join(machines) or 'n/a'}. "
         f"Units: {len(done)} done, {len(failed)} failed, {len(missing)} not run yet; {seconds / 60:.1f} min of "
         "compute in the finished units.",
