@@ -143,6 +143,7 @@ def plot_coverage(rows: list[dict], path: str) -> bool:
                 )
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_xscale("log", base=2)
+        ax.set_yscale("log")  # one draw is far above 1; the averaged policy and the control sit near it
         ax.set_xlabel("sigma / engine scale")
         ax.set_ylabel("KL(engine || X) / KL(engine || policy)")
         ax.set_title(f"{checkpoint}: {engine}")
