@@ -104,7 +104,8 @@ class ALPConfig(GRPOConfig):
             Rollout-mismatch simulator for CPU / transformers generation (see `alp_trl.simulated_engine`): sample the
             completions from a deliberately different copy of the policy, `"bf16"` / `"fp16"` (weights rounded),
             `"bf16_activations"` (the whole forward in bf16), `"logit_noise"` or `"hidden_noise"` (Gaussian noise of
-            std `rollout_mismatch_std`), and use its log-probs as the rollout log-probs. The measured mismatch is logged under `rollout_mismatch/*`.
+            std `rollout_mismatch_std`), and use its log-probs as the rollout log-probs. The measured mismatch is
+            logged under `rollout_mismatch/*`.
         rollout_mismatch_std (`float`, *optional*, defaults to `0.0`):
             Noise std of the `*_noise` kinds.
         vllm_importance_sampling_correction (`bool` or `None`, *optional*, defaults to `None`):

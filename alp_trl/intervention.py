@@ -265,15 +265,15 @@ def update_loss(
     settings,
     num_items: float,
     temperature: float,
-    noise_step: int | None = None,
+    noise_key: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """The policy loss of one rollout batch, as `ALPGRPOTrainer` computes it for the first update on a generation
     batch (`objectives.policy_loss` with the config's `settings`, DAPO's token sum over `num_items`): the numerator
-    runs with the perturbation's noise of `noise_step` when `noise_step` is not None (ALP), the old policy is the
-    current one (detached). Differentiable."""
+    runs with the perturbation's noise of `noise_key` = (step, micro-step) when it is not None (ALP), the old policy
+    is the current one (detached). Differentiable."""
     from .objectives import aggregate_policy_loss, policy_loss
 
-    with perturbation.active(step=noise_step) if noise_step is not None else nullcontext():
+    with perturbation.active(*noise_key) if noise_key is not None else nullcontext():
         logps = completion_logps(
             model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask, temperature
         )
@@ -302,12 +302,15 @@ def one_update(
 
     `optimizer="adamw"`: AdamW from a fresh state, whose first step moves every weight by about `lr` whatever its
     gradient (nearly a sign step); `"sgd"`: plain gradient descent, which keeps the gradient's magnitudes (what the
-    paper's mechanism acts through). `steps` full-batch steps (fresh noise at each under ALP). Starts from zero
+    paper's mechanism acts through; no gradient clipping). `steps` full-batch steps (fresh noise at each under ALP,
+    keyed (10000 + step, batch index)). Starts from zero
     gradients and leaves none behind, so that successive updates from a restored state are independent."""
     from .objectives import PolicyLossSettings
 
     if optimizer not in UPDATE_OPTIMIZERS:
         raise ValueError(f"`optimizer` got {optimizer!r}; allowed values are {list(UPDATE_OPTIMIZERS)}.")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"`steps` must be an integer >= 1, got {steps!r}.")
     if settings is None:
         settings = PolicyLossSettings(off_policy_correction="alp" if perturbed else "bypass")
     params = [p for n, p in model.named_parameters() if "alp_perturbation" not in n]
@@ -320,8 +323,8 @@ def one_update(
     total_tokens = sum(int(b.completion_mask.sum()) for b in batches)
     for step in range(steps):
         for index, (batch, adv) in enumerate(zip(batches, advantages)):
-            noise_step = 10_000 + 100 * step + index if perturbed else None
-            update_loss(model, perturbation, batch, adv, settings, total_tokens, temperature, noise_step).backward()
+            noise_key = (10_000 + step, index) if perturbed else None
+            update_loss(model, perturbation, batch, adv, settings, total_tokens, temperature, noise_key).backward()
         opt.step()
         model.zero_grad(set_to_none=True)
     model.eval()
@@ -342,7 +345,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--rollout-mismatch", default="bf16", help="none, bf16, fp16, logit_noise, hidden_noise")
+    parser.add_argument(
+        "--rollout-mismatch", default="bf16", help="none, bf16, fp16, bf16_activations, logit_noise, hidden_noise"
+    )
     parser.add_argument("--rollout-mismatch-std", type=float, default=0.0)
     parser.add_argument(
         "--sigma",
@@ -353,7 +358,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--perturb-layers", default="all")
     parser.add_argument("--noise-scale", default="absolute", choices=["absolute", "rms"])
     parser.add_argument(
-        "--update-lr", type=float, default=1e-5, help="learning rate of the one-step intervention (AdamW); 0 skips it"
+        "--update-lr", type=float, default=1e-5, help="learning rate of the intervention's update; 0 skips it"
     )
     parser.add_argument(
         "--update-optimizer",

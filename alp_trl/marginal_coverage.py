@@ -105,18 +105,24 @@ def exact_kl(log_p: torch.Tensor, log_q: torch.Tensor, mask: torch.Tensor) -> fl
 
 @dataclass
 class CoverageRow:
-    """The distance of one policy (unperturbed, averaged, temperature control, one draw) to the engine."""
+    """The distance of one policy (unperturbed, averaged, temperature control, one draw) to the engine: the KL
+    estimates, the binned envelope, and per sequence `[sum of log p_X - log p_inf, tokens]` (for paired differences
+    between policies and a bootstrap over sequences)."""
 
     kl_k1: float
     kl_k3: float
     count: int
     envelope: list[dict]
+    per_sequence: list[list[float]]
 
     @classmethod
     def of(cls, logps: torch.Tensor, rollout_logps: torch.Tensor, mask: torch.Tensor) -> "CoverageRow":
         kl = kl_to_inference(logps, rollout_logps, mask)
         envelope = binned_log_ratio_envelope(logps - rollout_logps, rollout_logps, mask)
-        return cls(kl["kl_k1"], kl["kl_k3"], kl["count"], envelope)
+        keep = mask.bool() & ~torch.isnan(rollout_logps)
+        log_ratio = torch.where(keep, logps - rollout_logps, torch.zeros_like(logps)).double()
+        per_sequence = [[float(total), int(count)] for total, count in zip(log_ratio.sum(-1), keep.sum(-1))]
+        return cls(kl["kl_k1"], kl["kl_k3"], kl["count"], envelope, per_sequence)
 
 
 def coverage(
@@ -127,22 +133,24 @@ def coverage(
     entropy-matched control) and `"one_draw"`; plus `"temperature_T"`, the control's temperature, and the mean
     entropies (`"entropy_unperturbed"`, `"entropy_averaged"`)."""
     parts = {name: [] for name in ("unperturbed", "averaged", "one_draw")}
-    clean_log_probs, averaged_entropy, clean_entropy, weights = [], [], [], []
+    unperturbed_log_probs, averaged_entropy, unperturbed_entropy, weights = [], [], [], []
     for index, batch in enumerate(batches):
-        clean = completion_log_probs(model, batch, temperature)
+        unperturbed = completion_log_probs(model, batch, temperature)
         averaged, first = averaged_log_probs(model, perturbation, batch, draws, key + 1000 * index, temperature)
         tokens, mask = batch.completion_ids, batch.completion_mask
-        parts["unperturbed"].append(token_log_probs(clean, tokens))
+        parts["unperturbed"].append(token_log_probs(unperturbed, tokens))
         parts["averaged"].append(token_log_probs(averaged, tokens))
         parts["one_draw"].append(token_log_probs(first, tokens))
-        clean_log_probs.append(clean)
+        unperturbed_log_probs.append(unperturbed)
         averaged_entropy.append(mean_entropy(averaged, mask))
-        clean_entropy.append(mean_entropy(clean, mask))
+        unperturbed_entropy.append(mean_entropy(unperturbed, mask))
         weights.append(float(mask.sum()))
     total = sum(weights)
     target = sum(e * w for e, w in zip(averaged_entropy, weights)) / total
     # one temperature for all batches: the entropy is matched over every rollout token
-    joint_log_probs = torch.cat([_pad_to(c, max(x.size(1) for x in clean_log_probs)) for c in clean_log_probs])
+    joint_log_probs = torch.cat(
+        [_pad_to(c, max(x.size(1) for x in unperturbed_log_probs)) for c in unperturbed_log_probs]
+    )
     joint_mask = torch.cat([_pad_to(b.completion_mask, joint_log_probs.size(1)) for b in batches])
     temp = matched_temperature(joint_log_probs, joint_mask, target)
     tempered = token_log_probs(torch.log_softmax(joint_log_probs / temp, -1), _joint(batches, "completion_ids"))
@@ -150,9 +158,13 @@ def coverage(
     result = {name: CoverageRow.of(_cat_padded(values), rollout, mask) for name, values in parts.items()}
     result["temperature"] = CoverageRow.of(tempered, rollout, mask)
     result["temperature_T"] = temp
-    result["entropy_unperturbed"] = sum(e * w for e, w in zip(clean_entropy, weights)) / total
+    result["entropy_unperturbed"] = sum(e * w for e, w in zip(unperturbed_entropy, weights)) / total
     result["entropy_averaged"] = target
     return result
+
+
+class ScaleOutOfRange(ValueError):
+    """The engine's KL is outside what a sigma in the searched range gives."""
 
 
 def matched_sigma(
@@ -168,14 +180,15 @@ def matched_sigma(
 ) -> float:
     """The sigma at which one perturbed draw's exact KL(draw || unperturbed) per token, on the rollout positions,
     equals `target_kl` (bisection on log sigma; the KL grows with sigma). `attach(sigma)` returns a perturbation
-    attached to `model` with that sigma, and is detached again here."""
-    clean = [completion_log_probs(model, batch, temperature) for batch in batches]
+    attached to `model` with that sigma, and is detached again here. Raises `ScaleOutOfRange` when the answer would
+    sit at an end of `[low, high]` (the engine is closer, or farther, than any sigma there)."""
+    unperturbed = [completion_log_probs(model, batch, temperature) for batch in batches]
 
     def draw_kl(sigma: float) -> float:
         perturbation = attach(sigma)
         try:
             values, weights = [], []
-            for index, (batch, log_q) in enumerate(zip(batches, clean)):
+            for index, (batch, log_q) in enumerate(zip(batches, unperturbed)):
                 with perturbation.active(step=key + index):
                     log_p = completion_log_probs(model, batch, temperature)
                 values.append(exact_kl(log_p, log_q, batch.completion_mask))
@@ -184,6 +197,8 @@ def matched_sigma(
         finally:
             perturbation.detach()
 
+    if draw_kl(low) > target_kl or draw_kl(high) < target_kl:
+        raise ScaleOutOfRange(f"the engine's KL {target_kl:.3g} is outside what sigma in [{low:g}, {high:g}] gives")
     lo, hi = math.log(low), math.log(high)
     for _ in range(steps):
         mid = (lo + hi) / 2

@@ -361,8 +361,8 @@ class PolicyLossSettings:
     @classmethod
     def from_config(cls, args) -> "PolicyLossSettings":
         """The settings of an `ALPConfig` (as `GRPOTrainer` reads them: `epsilon_high` defaults to `epsilon`)."""
-        fields = [name for name in cls.__dataclass_fields__ if name != "rollout_correction_kwargs"]
-        values = {name: getattr(args, name) for name in fields if hasattr(args, name)}
+        derived = ("epsilon_low", "epsilon_high", "rollout_correction_kwargs")
+        values = {name: getattr(args, name) for name in cls.__dataclass_fields__ if name not in derived}
         values["epsilon_low"] = args.epsilon
         values["epsilon_high"] = args.epsilon_high if args.epsilon_high is not None else args.epsilon
         if correction(args.off_policy_correction).has_rollout_weight:

@@ -7,8 +7,8 @@ fp32, transformers generation and the training forward agree to ~1e-6, so that m
 
 - `"bf16"` / `"fp16"`: every weight rounded to that precision (the sampler of a lower-precision inference engine;
   for SmolLM2-135M, bf16 gives a mean |dlogp| ~0.03 per token, the order of magnitude reported for vLLM);
-- `"bf16_activations"`: the whole forward in bf16, weights and activations (what a bf16 engine computes; the
-  log-probs are taken in float32 from its bf16 logits). Single-process models only (not under FSDP / DeepSpeed);
+- `"bf16_activations"`: the whole forward in bf16, weights and activations (what a bf16 engine computes; rotary
+  tables and the log-probs in float32). Single-process models only (not under FSDP / DeepSpeed);
 - `"logit_noise"`: Gaussian noise of std `std` added to the sampler's logits;
 - `"hidden_noise"`: Gaussian noise of std `std` added to the input hidden state of every decoder layer (note: the
   same family as ALP's own perturbation, which therefore covers it by construction; prefer the other kinds when
@@ -59,19 +59,19 @@ def _gaussian(like: torch.Tensor, std: float, generator: torch.Generator) -> tor
 
 @contextmanager
 def _bf16_forward(model: nn.Module) -> Iterator[None]:
-    """The model cast to bf16 (weights, buffers, hence activations) inside the context; every parameter and buffer
-    gets its own original tensor back on the way out, bit for bit, whatever happens."""
-    # `Module.to` converts a parameter in place (`param.data`), but replaces a buffer by a new tensor
-    params = [(p, p.data) for p in model.parameters() if p.is_floating_point()]
-    buffers = [(m, name, b) for m in model.modules() for name, b in m._buffers.items() if b is not None]
+    """The model's parameters in bf16 inside the context, so that every activation is bf16 too; buffers (RoPE's
+    inverse frequencies) stay float32, as an engine builds its rotary tables in float32. Each parameter gets its own
+    tensor and gradient back on the way out, bit for bit, whatever happens."""
+    saved = [(p, p.data, p.grad) for p in model.parameters() if p.is_floating_point()]
     try:
-        model.to(torch.bfloat16)
+        for param, data, _ in saved:
+            param.data = data.to(torch.bfloat16)
+            param.grad = None
         yield
     finally:
-        for param, data in params:
+        for param, data, grad in saved:
             param.data = data
-        for module, name, buffer in buffers:
-            module._buffers[name] = buffer
+            param.grad = grad
 
 
 @contextmanager

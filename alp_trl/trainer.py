@@ -19,11 +19,11 @@ named for it:
   rank never reaches the optimizer, the LR scheduler or sigma;
 - `create_optimizer`: sigma gets its own parameter group (`perturb_lr`, no weight decay);
 - `save_model` / `_save` / `_load_from_checkpoint` / `create_model_card`: sigma goes to a side file (DeepSpeed's
-  float32 master copy under DeepSpeed), never into the model weights; FSDP checkpoints keep it and load it natively
-  (`sigma_persistence.py`).
+  float32 master copy under DeepSpeed; `LayerwisePerturbation.save` / `load`), never into the model weights; FSDP
+  checkpoints keep it and load it natively; the reference-model sync, sigma's dtype under ZeRO-3 and the model card's
+  section are in `sigma_persistence.py`.
 """
 
-import copy
 import logging
 import os
 from contextlib import contextmanager, nullcontext
@@ -212,15 +212,18 @@ class ALPGRPOTrainer(GRPOTrainer):
         (`steps_per_generation * num_iterations` does not divide `gradient_accumulation_steps`): in the paper's recipes
         (16 updates per generation batch) about a quarter of the update's compute. TRL decides this from
         `args.gradient_accumulation_steps` alone (its only use there), so generation sees a shallow copy of the args
-        in which the steps are aligned.
+        in which the steps are aligned (made field by field: `copy.copy` would go through `ALPConfig.__getstate__`,
+        which drops the Hub token).
         """
         args = self.args
         generate_every = args.steps_per_generation * self.num_iterations
         if not args.correction.divides_by_rollout or args.gradient_accumulation_steps % generate_every == 0:
             yield
             return
-        self.args = copy.copy(args)
-        self.args.gradient_accumulation_steps = generate_every
+        aligned = object.__new__(type(args))
+        aligned.__dict__.update(args.__dict__)
+        aligned.gradient_accumulation_steps = generate_every
+        self.args = aligned
         try:
             yield
         finally:
@@ -415,7 +418,9 @@ class ALPGRPOTrainer(GRPOTrainer):
                     completion_ids.size(1),
                     **{k: inputs.get(k) for k in _FORWARD_KWARG_KEYS},
                 )
-            log_unperturbed_ratio(self.accelerator, metrics, unperturbed, loss.rollout_logps, loss.mask)
+            rollout = inputs["sampling_per_token_logps"]  # as the engine gave them: its NaN tokens are left out
+            scored = loss.mask * ~torch.isnan(rollout)
+            log_unperturbed_ratio(self.accelerator, metrics, unperturbed, rollout.nan_to_num(0.0), scored)
         if self.perturbation is not None:
             self._last_sigma_per_layer = self.perturbation.sigma_per_layer()  # every rank: under ZeRO-3 a gather
             log_sigma(metrics, self._last_sigma_per_layer)

@@ -165,9 +165,9 @@ def test_diagnose_update_loss_equals_the_trainers_loss(make_model, tokenizer, pr
     model.zero_grad(set_to_none=True)
     batch = RolloutBatch(prompt, prompt_mask, completion, completion_mask, rollout)
     settings = PolicyLossSettings.from_config(config)
-    noise_step = 0 if correction == "alp" else None  # the trainer's noise at optimizer step 0, micro-step 0
+    noise_key = (0, 0) if correction == "alp" else None  # the trainer's noise at optimizer step 0, micro-step 0
     diagnosed = update_loss(
-        model, trainer.perturbation, batch, advantages, settings, completion_mask.sum().item(), 1.0, noise_step
+        model, trainer.perturbation, batch, advantages, settings, completion_mask.sum().item(), 1.0, noise_key
     )
     diagnosed.backward()
     torch.testing.assert_close(diagnosed, trained, atol=1e-6, rtol=1e-5)

@@ -342,18 +342,20 @@ def test_coverage_grid_runs_resumes_and_reports_a_verdict(tmp_path, saved_model_
     assert {p.name: p.stat().st_mtime_ns for p in (out / "units").iterdir()} == stamps, "nothing recomputed"
 
     text = report.read_text()
-    wins = sum(
-        r["result"]["configs"][0]["rows"]["averaged"]["kl_k3"]
-        < min(
-            r["result"]["configs"][0]["rows"]["unperturbed"]["kl_k3"],
-            r["result"]["configs"][0]["rows"]["temperature"]["kl_k3"],
-        )
-        for r in records[:2]
-    )
+    # a seed's win at the setting fixed in advance (1x, absolute): the paired k1 KL of the averaged policy below both
+    rows = [r["result"]["configs"][0]["rows"] for r in records[:2]]
+    wins = sum(r["averaged"]["kl_k1"] < min(r["unperturbed"]["kl_k1"], r["temperature"]["kl_k1"]) for r in rows)
     assert "## Marginal coverage" in text
     assert f"| base | hidden_noise0.3 | absolute | 1 | {one['sigma']:.3g} | 2 |" in text
-    assert "hidden_noise0.3 (positive control)" in text
-    assert f"| {wins} of 2 |" in text
+    assert f"| base | hidden_noise0.3 (positive control) | {wins} of 2 |" in text
+    # the per-sequence values give the pooled paired difference, which is the difference of the pooled k1 KLs
+    from alp_trl.study.coverage_report import coverage_rows, pooled_difference
+
+    row = next(r for r in coverage_rows(records) if r["key"][2:] == ("hidden_noise0.3", "absolute", 1))
+    value, low, high = pooled_difference(row["seeds"], "unperturbed")
+    tokens = sum(r["unperturbed"]["count"] for r in rows)
+    expected = sum((r["averaged"]["kl_k1"] - r["unperturbed"]["kl_k1"]) * r["unperturbed"]["count"] for r in rows)
+    assert value == pytest.approx(expected / tokens, abs=1e-9) and low <= value <= high
     assert "provisional" in text  # 2 seeds, fewer than the 5 a verdict needs
 
 

@@ -75,7 +75,7 @@ def test_private_method_signatures(owner, name):
             GRPOTrainer,
             "_generate_and_score_completions",
             "self.args.gradient_accumulation_steps % generate_every != 0",
-            "the old-policy forward is skipped for ALP / Bypass by presenting aligned args (_unused_old_logps_skipped)",
+            "the old-policy forward is skipped for ALP / Bypass by presenting aligned args (_skipping_unused_old_logps)",
         ),
         (
             GRPOTrainer,

@@ -85,15 +85,20 @@ def sample_vllm_rollouts(
         else tokenizer(p, add_special_tokens=False)["input_ids"]
         for p in prompts
     ]
-    params = SamplingParams(
-        n=num_generations,
-        temperature=temperature,
-        top_p=1.0,
-        top_k=0,
-        max_tokens=max_new_tokens,
-        logprobs=0,
-        seed=seed,
-    )
+    # vLLM seeds the j-th of n samples with `seed + j`: disjoint seed ranges per prompt and per unit seed, so that no
+    # two prompts or unit seeds share a random stream
+    params = [
+        SamplingParams(
+            n=num_generations,
+            temperature=temperature,
+            top_p=1.0,
+            top_k=0,
+            max_tokens=max_new_tokens,
+            logprobs=0,
+            seed=(seed * len(ids) + index) * num_generations,
+        )
+        for index in range(len(ids))
+    ]
     outputs = llm.generate([{"prompt_token_ids": x} for x in ids], params, use_tqdm=False)
     rows = []
     for prompt_ids, request in zip(ids, outputs):
@@ -164,14 +169,20 @@ def engine_scale(context: CoverageContext, experiment: dict, unit: dict, model, 
 
     name = f"{experiment['name']}__{unit['checkpoint']}__{engine_coverage_id(unit['engine'])}__scale.json"
     path = os.path.join(context.out_dir, "cache", name)
+    scale = {}
     if os.path.exists(path):
         with open(path) as f:
-            return json.load(f)
+            scale = json.load(f)
+    missing = [n for n in experiment.get("noise_scales", ["absolute", "rms"]) if n not in scale]
+    if not missing:
+        return scale
     temperature = experiment.get("data", {}).get("temperature", 1.0)
-    unperturbed = _unperturbed(model, batches, temperature)
-    engine_kl = kl_to_inference(unperturbed, _joint(batches, "rollout_logps"), _joint(batches, "completion_mask"))
-    scale = {"engine_kl_k3": engine_kl["kl_k3"], "from_seed": unit["seed"]}
-    for noise_scale in experiment.get("noise_scales", ["absolute", "rms"]):
+    if not scale:  # measured on the rollouts of the first unit that needs it (its seed is recorded)
+        unperturbed = _unperturbed(model, batches, temperature)
+        rollout, mask = _joint(batches, "rollout_logps"), _joint(batches, "completion_mask")
+        scale = {"engine_kl_k3": kl_to_inference(unperturbed, rollout, mask)["kl_k3"], "from_seed": unit["seed"]}
+    engine_kl = {"kl_k3": scale["engine_kl_k3"]}
+    for noise_scale in missing:
 
         def attach(sigma, noise_scale=noise_scale):
             return LayerwisePerturbation.attach(
