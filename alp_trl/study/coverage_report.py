@@ -114,7 +114,9 @@ def verdicts(rows: list[dict], positive_controls: list[str]) -> list[dict]:
     return list(found.values())
 
 
-def overall_verdict(found: list[dict], planned: list[str] | None = None) -> list[str]:
+def overall_verdict(
+    found: list[dict], planned: list[str] | None = None, positive_controls: list[str] | None = None
+) -> list[str]:
     """Per checkpoint, the issue's rule: for the paper when the averaged policy wins on the positive control AND on at
     least one realistic engine; against when it does not win even on the positive control. `planned`: every engine of
     the grid, so that one without results yet is named as not measured rather than counted as a loss."""
@@ -124,7 +126,12 @@ def overall_verdict(found: list[dict], planned: list[str] | None = None) -> list
         unmeasured = [e for e in planned or [] if e not in {v["key"][2] for v in mine}]
         control = [v for v in mine if v["positive_control"]]
         realistic = [v for v in mine if not v["positive_control"]]
-        if control and not any(v["holds"] for v in control):
+        controls_pending = [e for e in unmeasured if e in (positive_controls or [])]
+        measured_controls = ", ".join(v["key"][2] for v in control)
+        if control and not any(v["holds"] for v in control) and controls_pending:
+            text = "undecided: at the setting fixed in advance the averaged policy is not closer in enough seeds on "
+            text += f"{measured_controls}; another positive control is not measured yet"
+        elif control and not any(v["holds"] for v in control):
             text = (
                 "against the paper's mechanism: at the setting fixed in advance the averaged policy is not closer in "
             )
@@ -193,7 +200,7 @@ def coverage_section(records: list[dict], experiments: dict, image_dir: str, com
         if experiment["kind"] == "coverage"
         for e in experiment["engines"]
     ]
-    lines += ["", *overall_verdict(verdicts(rows, positive), planned)]
+    lines += ["", *overall_verdict(verdicts(rows, positive), planned, positive)]
     path = os.path.join(image_dir, "coverage.png")
     if plot_coverage(rows, path):
         lines += ["", f"![coverage](images/{os.path.basename(path)})"]
