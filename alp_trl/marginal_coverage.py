@@ -153,8 +153,8 @@ def coverage(
     )
     joint_mask = torch.cat([_pad_to(b.completion_mask, joint_log_probs.size(1)) for b in batches])
     temp = matched_temperature(joint_log_probs, joint_mask, target)
-    tempered = token_log_probs(torch.log_softmax(joint_log_probs / temp, -1), _joint(batches, "completion_ids"))
-    rollout, mask = _joint(batches, "rollout_logps"), joint_mask
+    tempered = token_log_probs(torch.log_softmax(joint_log_probs / temp, -1), joint(batches, "completion_ids"))
+    rollout, mask = joint(batches, "rollout_logps"), joint_mask
     result = {name: CoverageRow.of(_cat_padded(values), rollout, mask) for name, values in parts.items()}
     result["temperature"] = CoverageRow.of(tempered, rollout, mask)
     result["temperature_T"] = temp
@@ -224,5 +224,6 @@ def _cat_padded(values: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([_pad_to(v, width) for v in values])
 
 
-def _joint(batches: list, field: str) -> torch.Tensor:
+def joint(batches: list, field: str) -> torch.Tensor:
+    """One field of rollout batches, concatenated over batches (right-padded to the widest)."""
     return _cat_padded([getattr(b, field) for b in batches])

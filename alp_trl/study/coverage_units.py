@@ -13,8 +13,8 @@ import os
 
 import torch
 
-from ..intervention import RolloutBatch, pad_batches, prepared_prompts, sample_rollouts
-from ..marginal_coverage import coverage, kl_to_inference, matched_sigma
+from ..intervention import RolloutBatch, pad_batches, policy_logps, prepared_prompts, sample_rollouts
+from ..marginal_coverage import coverage, joint, kl_to_inference, matched_sigma
 from .grid import engine_coverage_id
 
 
@@ -178,8 +178,8 @@ def engine_scale(context: CoverageContext, experiment: dict, unit: dict, model, 
         return scale
     temperature = experiment.get("data", {}).get("temperature", 1.0)
     if not scale:  # measured on the rollouts of the first unit that needs it (its seed is recorded)
-        unperturbed = _unperturbed(model, batches, temperature)
-        rollout, mask = _joint(batches, "rollout_logps"), _joint(batches, "completion_mask")
+        unperturbed = policy_logps(model, batches, None, temperature)
+        rollout, mask = joint(batches, "rollout_logps"), joint(batches, "completion_mask")
         scale = {"engine_kl_k3": kl_to_inference(unperturbed, rollout, mask)["kl_k3"], "from_seed": unit["seed"]}
     engine_kl = {"kl_k3": scale["engine_kl_k3"]}
     for noise_scale in missing:
@@ -221,7 +221,7 @@ def run_coverage_unit(context: CoverageContext, experiment: dict, unit: dict) ->
             configs.append(
                 {"noise_scale": noise_scale, "multiplier": multiplier, "sigma": sigma, "rows": rows, **extras}
             )
-    mask = _joint(batches, "completion_mask")
+    mask = joint(batches, "completion_mask")
     return {"scale": scale, "num_tokens": int(mask.sum()), "draws": draws, "configs": configs}
 
 
@@ -248,13 +248,3 @@ def run_checkpoint_unit(grid: dict, experiment: dict, unit: dict, out_dir: str) 
         "entropy_last": history[-1]["entropy"] if history else None,
         "seconds": round(run.seconds, 1),
     }
-
-
-def _unperturbed(model, batches, temperature: float) -> torch.Tensor:
-    from ..intervention import policy_logps
-
-    return policy_logps(model, batches, None, temperature)
-
-
-def _joint(batches, field: str) -> torch.Tensor:
-    return torch.cat([getattr(b, field) for b in batches])
