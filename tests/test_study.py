@@ -76,6 +76,100 @@ def test_intervention_grid_runs_resumes_and_reports(tmp_path, saved_model_dir):
     assert json.loads((out / "results.json").read_text())["records"][2]["status"] == "ok"
 
 
+def test_figure2_grid_stores_binned_envelopes_after_an_sgd_update_and_reports_them(tmp_path, saved_model_dir):
+    """`binned_envelopes` with `update_optimizer: sgd`: each envelope's bins hold every rollout token once, Bypass at
+    the same lr is the one compared, and the report's Figure 2 table shows the tokens per bin."""
+    grid_path = _grid(tmp_path, saved_model_dir)
+    grid = yaml.safe_load(Path(grid_path).read_text())
+    grid["experiments"][0].update(
+        binned_envelopes=True,
+        envelope_bins=[0.0, 0.1, 0.5, 1.000001],
+        update_optimizer="sgd",
+        update_lr=0.02,
+        bypass_lr_multipliers=[0.5, 1, 2],
+    )
+    grid["experiments"][0]["perturbations"] = {"list": [{"perturb_sigma_init": 0.05}]}
+    Path(grid_path).write_text(yaml.safe_dump(grid))
+    out, report = tmp_path / "out", tmp_path / "figure2.md"
+    results = study.main(["--grid", grid_path, "--out", str(out), "--report", str(report)])
+    bypass, alp = (r["result"] for r in results["records"])
+    cache = torch.load(out / "cache" / "iv__logit_noise0.5__seed0.pt", weights_only=False)
+    tokens = int(sum(int(torch.as_tensor(b[3]).sum()) for b in cache["batches"]))
+    envelopes = [bypass["envelope_before"], *(p["envelope"] for p in bypass["points"])]
+    envelopes += list(alp["alp_update"]["envelopes"].values())
+    for bins in envelopes:
+        assert sum(b["count"] for b in bins) == tokens and all(b["q01"] <= b["q50"] <= b["q99"] for b in bins)
+    assert {b["hi"] for b in bypass["envelope_before"]} <= {0.1, 0.5, 1.0}
+    # plain SGD keeps the gradient's magnitude: a 4x learning rate moves the policy much more than 4x as far in KL
+    small, _, large = bypass["points"]
+    assert large["update_size_kl"] > 4 * small["update_size_kl"] > 0
+    text = report.read_text()
+    assert "## Figure 2: the log-ratio envelope by rollout probability" in text
+    first_bin = bypass["envelope_before"][0]
+    assert f"| [{first_bin['lo']:g}, {first_bin['hi']:g}) | {first_bin['count']} |" in text
+    assert (tmp_path / "images" / "figure2_envelopes.png").stat().st_size > 10_000
+
+
+def test_envelope_bin_summary_by_hand():
+    """Two seeds, one bin: widths averaged over seeds, tokens summed, the seeds where ALP's perturbed envelope is
+    narrower than Bypass's counted."""
+
+    def env(q01, q99, count=10):
+        return [{"lo": 0.0, "hi": 0.5, "count": count, "q01": q01, "q99": q99}]
+
+    def bypass_unit(seed, before, after):
+        return {
+            "unit": {"type": "bypass_curve", "experiment": "f", "engine": {"engine": "vllm"}, "seed": seed},
+            "status": "ok",
+            "result": {"envelope_before": before, "points": [{"lr": 0.1, "envelope": after}]},
+        }
+
+    def alp_unit(seed, perturbed, unperturbed):
+        config = {"perturb_sigma_init": 0.02, "perturb_noise_scale": "absolute", "perturb_layers": "all"}
+        envelopes = {"perturbed_vs_rollout": perturbed, "unperturbed_vs_rollout": unperturbed}
+        return {
+            "unit": {
+                "type": "perturbation",
+                "experiment": "f",
+                "engine": {"engine": "vllm"},
+                "seed": seed,
+                "config": config,
+            },
+            "status": "ok",
+            "result": {"alp_update": {"lr": 0.1, "envelopes": envelopes}},
+        }
+
+    records = [
+        bypass_unit(0, env(-1.0, 1.0, 7), env(-2.0, 2.0)),
+        alp_unit(0, env(-1.0, 1.0), env(-0.5, 0.5)),  # perturbed width 2 < Bypass 4
+        bypass_unit(1, env(-1.0, 3.0, 5), env(-1.0, 1.0)),
+        alp_unit(1, env(-2.0, 2.0), env(-0.5, 1.5)),  # 4 > 2
+    ]
+    (row,) = study.envelope_rows(records)
+    assert row["key"] == ("f", "vllm-bfloat16", "absolute-s0.02-all")
+    (entry,) = study.bin_summary(row)
+    assert entry["tokens"] == 12 and entry["seeds"] == 2 and entry["alp_narrower_seeds"] == 1
+    assert entry["before_width"] == pytest.approx(3.0) and entry["bypass_width"] == pytest.approx(3.0)
+    assert entry["alp_perturbed_width"] == pytest.approx(3.0) and entry["alp_unperturbed_width"] == pytest.approx(1.5)
+    assert entry["bypass_width_std"] == pytest.approx(2**0.5) and entry["before_q99"] == pytest.approx(2.0)
+
+
+def test_intervention_engine_and_optimizer_are_checked_before_anything_runs(tmp_path):
+    experiment = {"kind": "intervention", "name": "iv", "engines": [{"engine": "sglang"}], "perturbations": {}}
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump({"model": "m", "seeds": [0], "experiments": [experiment]}))
+    with pytest.raises(ValueError, match=r"engine.*allowed values are \['vllm'\]"):
+        study.load_grid(str(path))
+    experiment.update(engines=[{"engine": "vllm"}], update_optimizer="adam")
+    path.write_text(yaml.safe_dump({"model": "m", "seeds": [0], "experiments": [experiment]}))
+    with pytest.raises(ValueError, match=r"update_optimizer.*allowed values are \['adamw', 'sgd'\]"):
+        study.load_grid(str(path))
+    experiment["update_optimizer"] = "sgd"
+    path.write_text(yaml.safe_dump({"model": "m", "seeds": [0], "experiments": [experiment]}))
+    units = study.plan_units(study.load_grid(str(path)))
+    assert units[0]["id"] == "iv__vllm-bfloat16__seed0__bypass"
+
+
 def test_matched_bypass_interpolates_as_a_power_law():
     points = [
         {"update_size_kl": 1e-4, "vs_rollout": {"kl_k3": 0.01}},
@@ -270,11 +364,13 @@ def test_the_study_package_imports_point_down():
     """Each module of `alp_trl.study` imports only the modules before it (and `alp_trl` modules outside it)."""
     order = [
         "grid",
+        "engine_rollouts",
         "intervention_units",
         "coverage_units",
         "training_units",
         "figures",
         "coverage_report",
+        "envelope_report",
         "report",
         "runner",
         "__init__",

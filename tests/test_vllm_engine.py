@@ -345,17 +345,18 @@ def test_entry_point_trains_with_a_colocated_engine(tmp_path):
 
 @real_engine
 def test_coverage_rollouts_from_vllm_line_up_with_the_trainer(tmp_path):
-    """The coverage study's vLLM engine (`study.coverage_units.sample_vllm_rollouts`): in float32 the engine's
+    """The studies' vLLM engine (`study.engine_rollouts.sample_vllm_rollouts`): in float32 the engine's
     log-probs of its sampled tokens equal the trainer's forward over the assembled (left-padded prompt, right-padded
     completion) batches, token for token; so in bf16 the gap is the engine's, not the batching's."""
     script = (
         "import json, sys, torch\n"
-        "from alp_trl.study.coverage_units import CoverageContext, prompts_of, sample_vllm_rollouts\n"
+        "from alp_trl.study.coverage_units import CoverageContext, prompts_of\n"
+        "from alp_trl.study.engine_rollouts import sample_vllm_rollouts\n"
         "from alp_trl.intervention import policy_logps\n"
         "if __name__ == '__main__':\n"
         "    ctx = CoverageContext({'model': 'embedded:smollm2-135m-instruct'}, sys.argv[1])\n"
         "    model, tok = ctx.model('embedded:smollm2-135m-instruct')\n"
-        "    llm = ctx.vllm('embedded:smollm2-135m-instruct', 'float32', 0)\n"
+        "    llm = ctx.engines.get('embedded:smollm2-135m-instruct', 'float32', 0)\n"
         "    batches = sample_vllm_rollouts(llm, tok, prompts_of(tok, {'num_prompts': 3}), 2, 12, 1.0, 0, 4)\n"
         "    mask = torch.cat([b.completion_mask for b in batches]).bool()\n"
         "    gap = (policy_logps(model, batches, None, 1.0) - torch.cat([b.rollout_logps for b in batches]))[mask]\n"

@@ -4,12 +4,17 @@ A grid is a YAML file with a `model` (optionally `dtype`, e.g. `bfloat16`, and `
 list of `experiments`, each of a `kind`:
 
 - `intervention` (the paper's Figure 2 question, one step, no training run): for every `engine` (a simulated
-  inference engine, `rollout_mismatch` + `rollout_mismatch_std`) and seed, rollouts are sampled once and cached; then,
+  inference engine, `rollout_mismatch` + `rollout_mismatch_std`, or the real one, `engine: vllm` with `dtype`) and
+  seed, rollouts are sampled once and cached; then,
   on the same checkpoint and the same rollouts, each `perturbation` (sigma, noise scale, layers; a cartesian
   `product` and/or an explicit `list`) is measured: the token log-ratio envelope training vs rollout without and with
   the noise, and after one ALP update (`update_lr`) the unperturbed policy's distance to the rollout together with
   the size of the update (KL(before || after), the k3 estimate on the rollout tokens). One Bypass update per `bypass_lr_multipliers` gives the
-  same distances at several update sizes, so that ALP is compared with Bypass at a matched update size.
+  same distances at several update sizes, so that ALP is compared with Bypass at a matched update size. The update
+  is `update_steps` steps of `update_optimizer` (`adamw`, fresh; or `sgd`, which keeps the gradient's magnitudes);
+  `binned_envelopes: true` also stores the envelopes binned by the rollout's probability of the token
+  (`envelope_bins`), the paper's Figure 2, with token counts.
+- `coverage` (the quantity the paper's theorem bounds): `alp_trl.marginal_coverage` per checkpoint, engine and seed.
 - `train`: the training entry point (`python -m alp_trl.train`) once per method and seed on a `recipe` with
   `overrides`; the run's `metrics.jsonl` is kept and summarised (largest train-rollout KL, fraction of spike steps,
   final and best reward).
@@ -24,6 +29,7 @@ unit in progress. `DIR/results.json` collects every unit, failed ones included (
 import argparse
 
 from ..intervention import policy_logps
+from .envelope_report import bin_summary, envelope_rows, envelope_section
 from .figures import TRAINING_PANELS, plot_intervention, plot_training
 from .grid import BASE_MODEL, config_id, engine_id, load_grid, only_experiments, perturbation_configs, plan_units, slug
 from .intervention_units import (
@@ -44,9 +50,12 @@ __all__ = [
     "BASE_MODEL",
     "TRAINING_PANELS",
     "InterventionContext",
+    "bin_summary",
     "collect",
     "config_id",
     "engine_id",
+    "envelope_rows",
+    "envelope_section",
     "intervention_rows",
     "load_grid",
     "load_records",

@@ -6,7 +6,7 @@ import os
 import statistics
 
 from .figures import plot_coverage
-from .grid import engine_coverage_id
+from .grid import engine_id
 
 
 POLICIES = ("unperturbed", "averaged", "temperature", "one_draw")
@@ -34,7 +34,7 @@ def coverage_rows(records: list[dict]) -> list[dict]:
             key = (
                 unit["experiment"],
                 unit["checkpoint"],
-                engine_coverage_id(unit["engine"]),
+                engine_id(unit["engine"]),
                 config["noise_scale"],
                 config["multiplier"],
             )
@@ -160,7 +160,7 @@ def coverage_section(records: list[dict], experiments: dict, image_dir: str, com
     if not rows:
         return []
     positive = [
-        engine_coverage_id(e)
+        engine_id(e)
         for experiment in experiments.values()
         if experiment["kind"] == "coverage"
         for e in experiment["engines"]
@@ -195,7 +195,7 @@ def coverage_section(records: list[dict], experiments: dict, image_dir: str, com
             f"{best['setting'][1]:g}x ({best['wins']} of {best['seeds']}) |"
         )
     planned = [
-        engine_coverage_id(e)
+        engine_id(e)
         for experiment in experiments.values()
         if experiment["kind"] == "coverage"
         for e in experiment["engines"]

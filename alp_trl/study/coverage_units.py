@@ -1,11 +1,10 @@
 """The units of a `coverage` experiment: the marginal-coverage test (`alp_trl.marginal_coverage`) per checkpoint,
 engine and seed, and the training of a checkpoint the experiment measures (e.g. a sharpened policy).
 
-An engine is a simulated one (`rollout_mismatch` + `rollout_mismatch_std`: transformers generation from a modified
-copy of the policy) or the real vLLM engine (`engine: vllm`, with `dtype`), whose own sampled-token log-probs are the
-rollout log-probs. Rollouts are cached in `DIR/cache/<unit id>.pt` and kept, so the tables can be recomputed; an
-engine's scale (the sigma whose single draw is as far from the policy as the engine, `matched_sigma`) is computed once
-per checkpoint and engine, from the first seed's rollouts, and cached beside them.
+Engines: `engine_rollouts` (a simulated one, or the real vLLM engine). Rollouts are cached in
+`DIR/cache/<unit id>.pt` and kept, so the tables can be recomputed; an engine's scale (the sigma whose single draw is
+as far from the policy as the engine, `matched_sigma`) is computed once per checkpoint and engine, from the first
+seed's rollouts, and cached beside them.
 """
 
 import json
@@ -13,21 +12,23 @@ import os
 
 import torch
 
-from ..intervention import RolloutBatch, pad_batches, policy_logps, prepared_prompts, sample_rollouts
+from ..intervention import RolloutBatch, policy_logps, prepared_prompts
 from ..marginal_coverage import coverage, joint, kl_to_inference, matched_sigma
-from .grid import engine_coverage_id
+from .engine_rollouts import VLLMEngines, sample_engine_rollouts
+from .grid import engine_id
 
 
 BASE_CHECKPOINT = "base"
 
 
 class CoverageContext:
-    """The model of the checkpoint being measured (one at a time) and the vLLM engine of it, loaded when needed."""
+    """The model of the checkpoint being measured (one at a time) and the vLLM engine of it, loaded when needed
+    (`engines`: shared with the other experiments of the study)."""
 
-    def __init__(self, grid: dict, out_dir: str):
+    def __init__(self, grid: dict, out_dir: str, engines: VLLMEngines | None = None):
         self.grid, self.out_dir = grid, out_dir
+        self.engines = engines or VLLMEngines()
         self._model_path = self._model = self._tokenizer = None
-        self._llm_key = self._llm = None
 
     def checkpoint_path(self, experiment: dict, checkpoint: str) -> str:
         """The grid's model for `base`, else the final model of the experiment's `checkpoint` unit."""
@@ -43,88 +44,10 @@ class CoverageContext:
             self._model_path = path
         return self._model, self._tokenizer
 
-    def vllm(self, path: str, dtype: str, seed: int):
-        """A vLLM engine on `path` (in this process, eager on a CPU), reused across seeds of the same checkpoint."""
-        from ..model_loading import resolve_model_path
-
-        key = (path, dtype)
-        if self._llm_key != key:
-            self._llm = None
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-            from vllm import LLM
-
-            options = {} if torch.cuda.is_available() else {"enforce_eager": True}
-            self._llm = LLM(
-                model=resolve_model_path(path),
-                dtype=dtype,
-                seed=seed,
-                max_model_len=1024,
-                logprobs_mode="processed_logprobs",
-                **options,
-            )
-            self._llm_key = key
-        return self._llm
-
 
 def prompts_of(tokenizer, data: dict) -> list:
     """The experiment's prompts (chat messages for a chat model), from its `data` settings."""
     return prepared_prompts(tokenizer, data)["prompt"]
-
-
-def sample_vllm_rollouts(
-    llm, tokenizer, prompts: list, num_generations: int, max_new_tokens: int, temperature: float, seed: int, size: int
-) -> list[RolloutBatch]:
-    """Rollouts sampled by a vLLM engine (untruncated), with the engine's own log-probs of the sampled tokens, as
-    `RolloutBatch`es of `size` sequences (prompts left-padded, completions right-padded) for the trainer's forward."""
-    from vllm import SamplingParams
-
-    ids = [
-        tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-        if not isinstance(p, str)
-        else tokenizer(p, add_special_tokens=False)["input_ids"]
-        for p in prompts
-    ]
-    # vLLM seeds the j-th of n samples with `seed + j`: disjoint seed ranges per prompt and per unit seed, so that no
-    # two prompts or unit seeds share a random stream
-    params = [
-        SamplingParams(
-            n=num_generations,
-            temperature=temperature,
-            top_p=1.0,
-            top_k=0,
-            max_tokens=max_new_tokens,
-            logprobs=0,
-            seed=(seed * len(ids) + index) * num_generations,
-        )
-        for index in range(len(ids))
-    ]
-    outputs = llm.generate([{"prompt_token_ids": x} for x in ids], params, use_tqdm=False)
-    rows = []
-    for prompt_ids, request in zip(ids, outputs):
-        for completion in request.outputs:
-            tokens = list(completion.token_ids)
-            logps = [lp[token].logprob for token, lp in zip(tokens, completion.logprobs)]
-            rows.append((prompt_ids, tokens, logps))
-    pad = tokenizer.pad_token_id
-    batches = []
-    for start in range(0, len(rows), size):
-        chunk = rows[start : start + size]
-        prompt_width = max(len(r[0]) for r in chunk)
-        width = max(max(len(r[1]) for r in chunk), 1)
-        prompt = torch.full((len(chunk), prompt_width), pad, dtype=torch.long)
-        prompt_mask = torch.zeros_like(prompt)
-        completion = torch.full((len(chunk), width), pad, dtype=torch.long)
-        completion_mask = torch.zeros_like(completion)
-        rollout = torch.zeros(completion.shape)
-        for row, (p, c, lp) in enumerate(chunk):
-            prompt[row, prompt_width - len(p) :] = torch.tensor(p)
-            prompt_mask[row, prompt_width - len(p) :] = 1
-            completion[row, : len(c)] = torch.tensor(c, dtype=torch.long)
-            completion_mask[row, : len(c)] = 1
-            rollout[row, : len(lp)] = torch.tensor(lp)
-        batches.append(RolloutBatch(prompt, prompt_mask, completion, completion_mask, rollout))
-    return pad_batches(batches)
 
 
 def unit_rollouts(context: CoverageContext, experiment: dict, unit: dict) -> list[RolloutBatch]:
@@ -135,28 +58,9 @@ def unit_rollouts(context: CoverageContext, experiment: dict, unit: dict) -> lis
     data, engine, seed = experiment.get("data", {}), unit["engine"], unit["seed"]
     model_path = context.checkpoint_path(experiment, unit["checkpoint"])
     model, tokenizer = context.model(model_path)
-    prompts = prompts_of(tokenizer, data)
-    generations, max_new_tokens = data.get("num_generations", 4), data.get("max_new_tokens", 32)
-    temperature, size = data.get("temperature", 1.0), data.get("batch_size", 16)
-    torch.manual_seed(seed)
-    if engine.get("engine") == "vllm":
-        llm = context.vllm(model_path, engine.get("dtype", "bfloat16"), seed)
-        batches = sample_vllm_rollouts(llm, tokenizer, prompts, generations, max_new_tokens, temperature, seed, size)
-    else:
-        batches = pad_batches(
-            sample_rollouts(
-                model,
-                tokenizer,
-                prompts,
-                generations,
-                max_new_tokens,
-                temperature,
-                engine.get("rollout_mismatch", "none"),
-                engine.get("rollout_mismatch_std", 0.0),
-                seed,
-                size,
-            )
-        )
+    batches = sample_engine_rollouts(
+        model, tokenizer, context.engines, model_path, prompts_of(tokenizer, data), engine, data, seed
+    )
     os.makedirs(os.path.dirname(path), exist_ok=True)
     torch.save({"batches": [tuple(b) for b in batches], "engine": engine, "seed": seed}, path)
     return batches
@@ -167,7 +71,7 @@ def engine_scale(context: CoverageContext, experiment: dict, unit: dict, model, 
     from this checkpoint and engine's first measured rollouts; cached."""
     from ..perturbation import LayerwisePerturbation
 
-    name = f"{experiment['name']}__{unit['checkpoint']}__{engine_coverage_id(unit['engine'])}__scale.json"
+    name = f"{experiment['name']}__{unit['checkpoint']}__{engine_id(unit['engine'])}__scale.json"
     path = os.path.join(context.out_dir, "cache", name)
     scale = {}
     if os.path.exists(path):

@@ -27,19 +27,31 @@ def load_grid(path: str) -> dict:
             raise ValueError(f"`experiments[{index}]` needs a `name`.")
         if kind == "train" and not experiment.get("methods"):
             raise ValueError(f"`experiments[{index}].methods` must name at least one method.")
+        if kind in ("coverage", "intervention"):
+            _check_engines(experiment, index)
         if kind == "coverage":
             _check_coverage(experiment, index)
+        if kind == "intervention" and experiment.get("update_optimizer", "adamw") not in ("adamw", "sgd"):
+            raise ValueError(
+                f"`experiments[{index}].update_optimizer` got {experiment['update_optimizer']!r}; "
+                "allowed values are ['adamw', 'sgd']."
+            )
     return grid
 
 
-def _check_coverage(experiment: dict, index: int) -> None:
-    """A coverage experiment's keys, before anything runs."""
+def _check_engines(experiment: dict, index: int) -> None:
+    """An experiment's `engines`: at least one; `engine`, where given, names the real engine (`vllm`)."""
     where = f"`experiments[{index}]`"
     if not experiment.get("engines"):
         raise ValueError(f"{where}.engines must name at least one engine.")
     for engine in experiment["engines"]:
         if "engine" in engine and engine["engine"] != "vllm":
             raise ValueError(f"{where}: an engine's `engine` got {engine['engine']!r}; allowed values are ['vllm'].")
+
+
+def _check_coverage(experiment: dict, index: int) -> None:
+    """A coverage experiment's keys, before anything runs."""
+    where = f"`experiments[{index}]`"
     for name, spec in (experiment.get("checkpoints") or {"base": {}}).items():
         if name != "base" and "recipe" not in spec:
             raise ValueError(f"{where}.checkpoints.{name} needs a `recipe` to train it from the grid's model.")
@@ -71,16 +83,12 @@ def slug(value) -> str:
 
 
 def engine_id(engine: dict) -> str:
+    """`vllm-bfloat16` for the real engine, else the simulated engine's kind and std (`logit_noise0.3`)."""
+    if engine.get("engine") == "vllm":
+        return f"vllm-{engine.get('dtype', 'bfloat16')}"
     kind = engine.get("rollout_mismatch", "none")
     std = engine.get("rollout_mismatch_std")
     return kind if not std else f"{kind}{std:g}"
-
-
-def engine_coverage_id(engine: dict) -> str:
-    """`vllm-bfloat16` for the real engine, else the simulated engine's id."""
-    if engine.get("engine") == "vllm":
-        return f"vllm-{engine.get('dtype', 'bfloat16')}"
-    return engine_id(engine)
 
 
 def config_id(config: dict) -> str:
@@ -165,7 +173,7 @@ def coverage_units(experiment: dict, grid_seeds: list[int]) -> list[dict]:
             for seed in experiment.get("seeds", grid_seeds):
                 units.append(
                     {
-                        "id": f"{name}__{slug(checkpoint)}__{engine_coverage_id(engine)}__seed{seed}",
+                        "id": f"{name}__{slug(checkpoint)}__{engine_id(engine)}__seed{seed}",
                         "type": "coverage",
                         "experiment": name,
                         "checkpoint": checkpoint,

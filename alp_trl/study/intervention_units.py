@@ -6,24 +6,18 @@ import os
 
 import torch
 
-from ..intervention import (
-    RolloutBatch,
-    group_advantages,
-    one_update,
-    pad_batches,
-    policy_logps,
-    prepared_prompts,
-    sample_rollouts,
-)
+from ..intervention import RolloutBatch, group_advantages, one_update, policy_logps, prepared_prompts
 from ..ratio_statistics import binned_log_ratio_envelope
+from .engine_rollouts import VLLMEngines, sample_engine_rollouts
 from .grid import engine_id
 
 
 class InterventionContext:
     """The model (loaded once) and the cached rollouts of each (engine, seed) of an intervention experiment."""
 
-    def __init__(self, grid: dict, out_dir: str):
+    def __init__(self, grid: dict, out_dir: str, engines: VLLMEngines | None = None):
         self.grid, self.out_dir = grid, out_dir
+        self.engines = engines or VLLMEngines()
         self.model = self.tokenizer = self.start_state = None
         self.rollouts = {}
 
@@ -54,7 +48,9 @@ class InterventionContext:
             if "clean" in cached:  # the key of caches written before the rename
                 cached["unperturbed"] = cached.pop("clean")
         else:
-            cached = sample_intervention_batch(model, tokenizer, experiment.get("data", {}), engine, seed)
+            cached = sample_intervention_batch(
+                model, tokenizer, experiment.get("data", {}), engine, seed, self.engines, self.grid["model"]
+            )
             os.makedirs(os.path.dirname(path), exist_ok=True)
             torch.save({**cached, "batches": [tuple(batch) for batch in cached["batches"]]}, path)
         self.rollouts[key] = cached
@@ -65,23 +61,15 @@ class InterventionContext:
         self.model.eval()
 
 
-def sample_intervention_batch(model, tokenizer, data: dict, engine: dict, seed: int) -> dict:
+def sample_intervention_batch(
+    model, tokenizer, data: dict, engine: dict, seed: int, engines: VLLMEngines | None = None, model_path: str = ""
+) -> dict:
+    """The rollouts of one engine and seed (`engine_rollouts`; the real vLLM engine runs on `model_path`), their
+    rewards and group advantages, and the unperturbed policy's log-probs of them."""
     prepared = prepared_prompts(tokenizer, data)
     num_generations = data.get("num_generations", 4)
-    torch.manual_seed(seed)
-    batches = pad_batches(
-        sample_rollouts(
-            model,
-            tokenizer,
-            prepared["prompt"],
-            num_generations,
-            data.get("max_new_tokens", 32),
-            data.get("temperature", 1.0),
-            engine.get("rollout_mismatch", "none"),
-            engine.get("rollout_mismatch_std", 0.0),
-            seed,
-            data.get("batch_size", 16),
-        )
+    batches = sample_engine_rollouts(
+        model, tokenizer, engines or VLLMEngines(), model_path, prepared["prompt"], engine, data, seed
     )
     answers = [a for a in prepared["answer"] for _ in range(num_generations)]
     rewards, advantages = group_advantages(tokenizer, batches, answers, num_generations, data.get("reward", "math"))
@@ -171,9 +159,10 @@ def run_perturbation_unit(context: InterventionContext, experiment: dict, unit: 
             "perturbed_vs_rollout": log_ratio_summary(after_perturbed - rollout, mask),
         }
         if experiment.get("binned_envelopes"):  # Figure 2: by rollout probability, with token counts
+            bins = experiment.get("envelope_bins")
             result["alp_update"]["envelopes"] = {
-                "perturbed_vs_rollout": binned_log_ratio_envelope(after_perturbed - rollout, rollout, mask),
-                "unperturbed_vs_rollout": binned_log_ratio_envelope(after - rollout, rollout, mask),
+                "perturbed_vs_rollout": binned_log_ratio_envelope(after_perturbed - rollout, rollout, mask, bins),
+                "unperturbed_vs_rollout": binned_log_ratio_envelope(after - rollout, rollout, mask, bins),
             }
     finally:
         perturbation.detach()
@@ -208,14 +197,21 @@ def run_bypass_unit(context: InterventionContext, experiment: dict, unit: dict) 
             "vs_rollout": log_ratio_summary(after - rollout, mask),
         }
         if experiment.get("binned_envelopes"):
-            point["envelope"] = binned_log_ratio_envelope(after - rollout, rollout, mask)
+            point["envelope"] = binned_log_ratio_envelope(
+                after - rollout, rollout, mask, experiment.get("envelope_bins")
+            )
         points.append(point)
     context.restore()
-    return {
+    result = {
         "engine_mismatch": log_ratio_summary(unperturbed - rollout, mask),
         "reward_mean": float(cached["rewards"].mean()),
         "points": points,
     }
+    if experiment.get("binned_envelopes"):  # the policy before any update, against the rollout: the reference
+        result["envelope_before"] = binned_log_ratio_envelope(
+            unperturbed - rollout, rollout, mask, experiment.get("envelope_bins")
+        )
+    return result
 
 
 def matched_bypass(

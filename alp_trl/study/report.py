@@ -6,6 +6,7 @@ import os
 import statistics
 
 from .coverage_report import coverage_section
+from .envelope_report import envelope_section
 from .figures import plot_intervention, plot_training
 from .grid import BASE_MODEL, config_id, engine_id, slug
 from .intervention_units import matched_bypass
@@ -97,6 +98,7 @@ def write_report(results: dict, path: str, command: str) -> None:
         *_conclusion_section(grid),
         *coverage_section(records, {e["name"]: e for e in grid["experiments"]}, image_dir, command),
         *_intervention_section(records, image_dir),
+        *envelope_section(records, image_dir),
         *_training_section(records, grid, image_dir),
         *_failed_section(records),
     ]

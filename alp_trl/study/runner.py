@@ -10,6 +10,7 @@ import traceback
 import torch
 
 from .coverage_units import CoverageContext, run_checkpoint_unit, run_coverage_unit
+from .engine_rollouts import VLLMEngines
 from .grid import load_grid, only_experiments, plan_units
 from .intervention_units import InterventionContext, run_bypass_unit, run_perturbation_unit
 from .training_units import run_base_eval_unit, run_train_unit
@@ -24,8 +25,9 @@ def run_study(grid_path: str, out_dir: str, only: list[str] | None = None) -> di
     experiments = {e["name"]: e for e in grid["experiments"]}
     runs_dir = os.path.join(out_dir, "units")
     os.makedirs(runs_dir, exist_ok=True)
-    context = InterventionContext(grid, out_dir)
-    context.coverage = CoverageContext(grid, out_dir)
+    engines = VLLMEngines()  # one vLLM engine at a time, shared by the experiments
+    context = InterventionContext(grid, out_dir, engines)
+    context.coverage = CoverageContext(grid, out_dir, engines)
     todo = [u for u in units if not os.path.exists(os.path.join(runs_dir, f"{u['id']}.json"))]
     bar = tqdm(total=len(units), initial=len(units) - len(todo), desc="study", unit="run")
     for unit in todo:
