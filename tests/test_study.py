@@ -193,6 +193,17 @@ def test_training_summary_counts_spikes_by_value():
     assert summary["best_reward"] == 0.3 and summary["final_reward"] == 0.25 and summary["late_reward"] == 0.225
 
 
+def test_ratio_trend_compares_the_first_and_last_quarter_of_the_logged_steps():
+    history = [
+        {"step": i, "alp/log_ratio_abs_max": float(v), "alp/train_rollout_kl": 0.01}
+        for i, v in enumerate([1, 3, 2, 2, 2, 2, 8, 4], 1)
+    ]
+    history.insert(3, {"step": 3.5, "loss": 0.1})  # a step that did not log the ratio is not counted
+    trend = study.summarize_training(history, {})
+    assert trend["tail_early"] == 2.0 and trend["tail_late"] == 6.0 and trend["tail_growth"] == 3.0
+    assert trend["kl_growth"] == pytest.approx(1.0) and "unperturbed_tail_early" not in trend
+
+
 def test_bad_grid_is_refused_naming_the_key(tmp_path, capsys):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump({"model": "m", "seeds": [0], "experiments": [{"kind": "sweep", "name": "x"}]}))

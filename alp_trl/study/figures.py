@@ -61,6 +61,7 @@ def plot_intervention(rows: list[dict], path: str) -> bool:
 TRAINING_PANELS = (
     ("reward", "reward"),
     ("alp/train_rollout_kl", "train-rollout KL (k3)"),
+    ("alp/log_ratio_abs_max", "largest |log ratio| of a step"),
     ("grad_norm", "grad norm"),
     ("entropy", "entropy"),
 )

@@ -214,7 +214,7 @@ def _training_section(records: list[dict], grid: dict, image_dir: str) -> list[s
         runs = [r for r in train if r["unit"]["experiment"] == name]
         if runs:
             lines += _experiment_table(name, experiment, runs, summaries, image_dir)
-    return lines + _every_run_table(train, summaries)
+    return lines + _every_run_table(train, summaries) + _trend_table(train, summaries)
 
 
 def _experiment_table(name: str, experiment: dict, runs: list[dict], summaries: dict, image_dir: str) -> list[str]:
@@ -278,6 +278,40 @@ def _run_row(record: dict, summary: dict) -> str:
         f"{cell('final_reward')} | {cell('best_reward')} | {cell('eval_avg_at_k')} | "
         f"{record.get('seconds', 'n/a')} |"
     )
+
+
+def _trend_table(train: list[dict], summaries: dict) -> list[str]:
+    """Each run's ratio tail and train-rollout KL over training: the first quarter of the steps against the last."""
+    runs = [r for r in train if "tail_early" in summaries[id(r)]]
+    if not runs:
+        return []
+    return [
+        "The ratio over training (the paper's Figure 1 asks whether its tail grows): per run, the mean over the first "
+        "quarter of the logged steps -> the mean over the last quarter, and the growth (last / first), of the largest "
+        "|log ratio| of a step and of the train-rollout KL; under ALP, for the perturbed policy it trains with and, "
+        "where logged (`log_unperturbed_ratio`), for the policy itself.",
+        "",
+        "| experiment | method | seed | max abs log ratio | growth | train-rollout KL | growth | unperturbed: max abs "
+        "log ratio | growth | unperturbed: KL | growth |",
+        "|---|---|---:|---|---:|---|---:|---|---:|---|---:|",
+        *(_trend_row(record, summaries[id(record)]) for record in runs),
+        "",
+    ]
+
+
+def _trend_row(record: dict, summary: dict) -> str:
+    unit = record["unit"]
+    cells = []
+    for name in ("tail", "kl", "unperturbed_tail", "unperturbed_kl"):
+        if f"{name}_early" not in summary:
+            cells += ["n/a", "n/a"]
+            continue
+        growth = summary[f"{name}_growth"]
+        cells += [
+            f"{summary[f'{name}_early']:.3g} -> {summary[f'{name}_late']:.3g}",
+            "n/a" if growth is None else f"{growth:.2f}",
+        ]
+    return f"| {unit['experiment']} | {unit['method']} | {unit['seed']} | " + " | ".join(cells) + " |"
 
 
 def _failed_section(records: list[dict]) -> list[str]:

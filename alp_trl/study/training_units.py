@@ -87,7 +87,31 @@ def summarize_training(history: list[dict], experiment: dict) -> dict:
         "min_entropy": min(entropy) if entropy else None,
         "final_entropy": entropy[-1] if entropy else None,
         "nonfinite_steps": (steps[-1].get("train/nonfinite_steps") if steps else None),
+        **ratio_trend(history),
     }
+
+
+TREND_SERIES = {  # the summary's name: the logged metric whose first and last quarter of steps are compared
+    "tail": "alp/log_ratio_abs_max",
+    "kl": "alp/train_rollout_kl",
+    "unperturbed_tail": "alp/unperturbed_log_ratio_abs_max",
+    "unperturbed_kl": "alp/unperturbed_train_rollout_kl",
+}
+
+
+def ratio_trend(history: list[dict]) -> dict:
+    """Does the ratio's tail grow over training (the paper's Figure 1)? For each of `TREND_SERIES` that the run
+    logged: the mean over the first and over the last quarter of its logged steps (`<name>_early`, `<name>_late`) and
+    their ratio (`<name>_growth`)."""
+    trend = {}
+    for name, key in TREND_SERIES.items():
+        values = [r[key] for r in history if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        if len(values) < 2:
+            continue
+        quarter = max(1, len(values) // 4)
+        early, late = sum(values[:quarter]) / quarter, sum(values[-quarter:]) / quarter
+        trend.update({f"{name}_early": early, f"{name}_late": late, f"{name}_growth": late / early if early else None})
+    return trend
 
 
 def training_summaries(records: list[dict], experiments: dict) -> dict:
