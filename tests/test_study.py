@@ -112,19 +112,24 @@ def test_figure2_grid_stores_binned_envelopes_after_an_sgd_update_and_reports_th
 
 def test_envelope_bin_summary_by_hand():
     """Two seeds, one bin: widths averaged over seeds, tokens summed, the seeds where ALP's perturbed envelope is
-    narrower than Bypass's counted."""
+    narrower than Bypass's at the same lr counted; Bypass's width at ALP's update size interpolated as a power law
+    (seed 0: sizes 0.01 and 0.04 give widths 4 and 8, so 4 * sqrt(2) at 0.02), n/a outside its range (seed 1)."""
 
     def env(q01, q99, count=10):
         return [{"lo": 0.0, "hi": 0.5, "count": count, "q01": q01, "q99": q99}]
 
-    def bypass_unit(seed, before, after):
+    def bypass_unit(seed, before, after, larger):
+        points = [
+            {"lr": 0.1, "update_size_kl": 0.01, "envelope": after},
+            {"lr": 0.4, "update_size_kl": 0.04, "envelope": larger},
+        ]
         return {
             "unit": {"type": "bypass_curve", "experiment": "f", "engine": {"engine": "vllm"}, "seed": seed},
             "status": "ok",
-            "result": {"envelope_before": before, "points": [{"lr": 0.1, "envelope": after}]},
+            "result": {"envelope_before": before, "points": points},
         }
 
-    def alp_unit(seed, perturbed, unperturbed):
+    def alp_unit(seed, perturbed, unperturbed, size):
         config = {"perturb_sigma_init": 0.02, "perturb_noise_scale": "absolute", "perturb_layers": "all"}
         envelopes = {"perturbed_vs_rollout": perturbed, "unperturbed_vs_rollout": unperturbed}
         return {
@@ -136,14 +141,14 @@ def test_envelope_bin_summary_by_hand():
                 "config": config,
             },
             "status": "ok",
-            "result": {"alp_update": {"lr": 0.1, "envelopes": envelopes}},
+            "result": {"alp_update": {"lr": 0.1, "update_size_kl": size, "envelopes": envelopes}},
         }
 
     records = [
-        bypass_unit(0, env(-1.0, 1.0, 7), env(-2.0, 2.0)),
-        alp_unit(0, env(-1.0, 1.0), env(-0.5, 0.5)),  # perturbed width 2 < Bypass 4
-        bypass_unit(1, env(-1.0, 3.0, 5), env(-1.0, 1.0)),
-        alp_unit(1, env(-2.0, 2.0), env(-0.5, 1.5)),  # 4 > 2
+        bypass_unit(0, env(-1.0, 1.0, 7), env(-2.0, 2.0), env(-4.0, 4.0)),
+        alp_unit(0, env(-1.0, 1.0), env(-0.5, 0.5), 0.02),  # perturbed width 2 < Bypass 4; unperturbed 1 < 5.66
+        bypass_unit(1, env(-1.0, 3.0, 5), env(-1.0, 1.0), env(-1.0, 3.0)),
+        alp_unit(1, env(-2.0, 2.0), env(-0.5, 1.5), 0.08),  # 4 > 2; ALP's update larger than any Bypass one
     ]
     (row,) = study.envelope_rows(records)
     assert row["key"] == ("f", "vllm-bfloat16", "absolute-s0.02-all")
@@ -152,6 +157,8 @@ def test_envelope_bin_summary_by_hand():
     assert entry["before_width"] == pytest.approx(3.0) and entry["bypass_width"] == pytest.approx(3.0)
     assert entry["alp_perturbed_width"] == pytest.approx(3.0) and entry["alp_unperturbed_width"] == pytest.approx(1.5)
     assert entry["bypass_width_std"] == pytest.approx(2**0.5) and entry["before_q99"] == pytest.approx(2.0)
+    assert entry["bypass_matched_width"] == pytest.approx(4 * 2**0.5) and entry["matched_seeds"] == 1
+    assert entry["alp_unperturbed_narrower_matched_seeds"] == 1
 
 
 def test_intervention_engine_and_optimizer_are_checked_before_anything_runs(tmp_path):

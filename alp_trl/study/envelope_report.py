@@ -9,6 +9,7 @@ import os
 import statistics
 
 from .grid import config_id, engine_id
+from .intervention_units import power_law_interpolate
 
 
 ENVELOPES = (  # (column, what it is)
@@ -17,6 +18,7 @@ ENVELOPES = (  # (column, what it is)
     ("alp_perturbed", "ALP after, perturbed (its ratio)"),
     ("alp_unperturbed", "ALP after, unperturbed"),
 )
+MATCHED = ("bypass_matched", "Bypass after, ALP's update size")  # a width interpolated, not an envelope
 
 
 def envelope_rows(records: list[dict]) -> list[dict]:
@@ -47,10 +49,23 @@ def envelope_rows(records: list[dict]) -> list[dict]:
             "alp_perturbed": alp["envelopes"]["perturbed_vs_rollout"],
             "alp_unperturbed": alp["envelopes"]["unperturbed_vs_rollout"],
         }
+        curves = [(p["update_size_kl"], {(b["lo"], b["hi"]): b for b in p["envelope"]}) for p in curve["points"]]
         row["seeds"].append(
-            {"seed": unit["seed"], **{name: {(b["lo"], b["hi"]): b for b in bins} for name, bins in envelopes.items()}}
+            {
+                "seed": unit["seed"],
+                **{name: {(b["lo"], b["hi"]): b for b in bins} for name, bins in envelopes.items()},
+                "alp_update_size": alp["update_size_kl"],
+                "bypass_curve": curves,
+            }
         )
     return list(rows.values())
+
+
+def matched_width(seed: dict, lo_hi: tuple) -> float | None:
+    """Bypass's envelope width p99 - p1 in one bin at ALP's update size (KL(before || after)), interpolated as a power
+    law between its updates at several learning rates (`matched_bypass`'s rule); `None` outside their range."""
+    points = [(size, bins[lo_hi]["q99"] - bins[lo_hi]["q01"]) for size, bins in seed["bypass_curve"] if lo_hi in bins]
+    return power_law_interpolate(points, seed["alp_update_size"])
 
 
 def bin_summary(row: dict) -> list[dict]:
@@ -71,6 +86,16 @@ def bin_summary(row: dict) -> list[dict]:
             entry[f"{name}_q99"] = statistics.mean(s[name][lo_hi]["q99"] for s in present)
             entry[f"{name}_width"] = statistics.mean(widths)
             entry[f"{name}_width_std"] = statistics.stdev(widths) if len(widths) > 1 else 0.0
+        matched = {s["seed"]: matched_width(s, lo_hi) for s in present}
+        widths = [w for w in matched.values() if w is not None]
+        entry["bypass_matched_width"] = statistics.mean(widths) if widths else None
+        entry["bypass_matched_width_std"] = statistics.stdev(widths) if len(widths) > 1 else 0.0
+        entry["matched_seeds"] = len(widths)
+        entry["alp_unperturbed_narrower_matched_seeds"] = sum(
+            matched[s["seed"]] is not None
+            and s["alp_unperturbed"][lo_hi]["q99"] - s["alp_unperturbed"][lo_hi]["q01"] < matched[s["seed"]]
+            for s in present
+        )
         entry["alp_narrower_seeds"] = sum(
             s["alp_perturbed"][lo_hi]["q99"] - s["alp_perturbed"][lo_hi]["q01"]
             < s["bypass"][lo_hi]["q99"] - s["bypass"][lo_hi]["q01"]
@@ -94,9 +119,11 @@ def envelope_section(records: list[dict], image_dir: str) -> list[str]:
         "Tokens binned by the engine's probability of them; per bin the width p99 - p1 of the token log-ratio "
         "(policy vs rollout), mean ± std over seeds, for the policy before the update, Bypass after one update at "
         "ALP's learning rate, and ALP after its update (its perturbed policy, the ratio it trains with, and its "
-        "unperturbed policy); `ALP narrower` counts the seeds whose perturbed envelope is narrower than Bypass's. "
-        "Tokens are summed over the seeds. The update sizes and the size-matched comparison, in both KL directions, "
-        "are in the tables above.",
+        "unperturbed policy), and Bypass's width at ALP's update size (KL(before || after); interpolated per bin as a "
+        "power law between Bypass's updates at several learning rates, n/a outside their range: a smaller update "
+        "alone makes a narrower envelope). The last two columns count the seeds where ALP's envelope is the narrower. "
+        "Tokens are summed over the seeds. The update sizes and the size-matched KL comparison, in both KL "
+        "directions, are in the tables above.",
         "",
     ]
     for row in rows:
@@ -107,20 +134,25 @@ def envelope_section(records: list[dict], image_dir: str) -> list[str]:
             f"{config['perturb_layers']} (seeds {seeds})",
             "",
             "| rollout prob | tokens | "
-            + " | ".join(f"{label}: width" for _, label in ENVELOPES)
-            + " | ALP narrower |",
-            "|---|---:|" + "---:|" * len(ENVELOPES) + "---:|",
+            + " | ".join(f"{label}: width" for _, label in (*ENVELOPES, MATCHED))
+            + " | ALP perturbed narrower than Bypass, same lr | ALP unperturbed narrower than Bypass, same size |",
+            "|---|---:|" + "---:|" * (len(ENVELOPES) + 3),
         ]
         for entry in bin_summary(row):
-            widths = " | ".join(
-                f"{entry[f'{name}_width']:.3g} ± {entry[f'{name}_width_std']:.2g}" for name, _ in ENVELOPES
-            )
+            widths = " | ".join(_width(entry, name) for name, _ in (*ENVELOPES, MATCHED))
             lines.append(
                 f"| [{entry['lo']:g}, {entry['hi']:g}) | {entry['tokens']} | {widths} | "
-                f"{entry['alp_narrower_seeds']} of {entry['seeds']} |"
+                f"{entry['alp_narrower_seeds']} of {entry['seeds']} | "
+                f"{entry['alp_unperturbed_narrower_matched_seeds']} of {entry['matched_seeds']} |"
             )
         lines.append("")
     return lines
+
+
+def _width(entry: dict, name: str) -> str:
+    if entry.get(f"{name}_width") is None:
+        return "n/a"
+    return f"{entry[f'{name}_width']:.3g} ± {entry[f'{name}_width_std']:.2g}"
 
 
 def plot_envelopes(rows: list[dict], path: str) -> bool:

@@ -220,13 +220,19 @@ def matched_bypass(
     """Bypass's distance to the rollout (`vs_rollout[key]`) at the given update size, interpolated between its measured
     points as a power law (linear in log-log: a distance proportional to the update size, as when the engine is close
     to the policy, is interpolated exactly); `None` outside their range."""
-    pts = sorted((p[size_key], p["vs_rollout"][key]) for p in points if p[size_key] > 0 and p["vs_rollout"][key] > 0)
-    if update_size <= 0 or not pts or not pts[0][0] <= update_size <= pts[-1][0]:
+    return power_law_interpolate([(p[size_key], p["vs_rollout"][key]) for p in points], update_size)
+
+
+def power_law_interpolate(points: list[tuple[float, float]], x: float) -> float | None:
+    """`y` at `x` between measured `(x, y)` points, linear in log-log (points with `x <= 0` or `y <= 0` dropped);
+    `None` outside their range."""
+    pts = sorted((px, py) for px, py in points if px > 0 and py > 0)
+    if x <= 0 or not pts or not pts[0][0] <= x <= pts[-1][0]:
         return None
     for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
-        if x0 <= update_size <= x1:
+        if x0 <= x <= x1:
             if x1 == x0:
                 return y0
-            t = (math.log(update_size) - math.log(x0)) / (math.log(x1) - math.log(x0))
+            t = (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
             return math.exp(math.log(y0) + t * (math.log(y1) - math.log(y0)))
     return pts[0][1]
