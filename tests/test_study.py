@@ -100,17 +100,20 @@ def test_figure2_grid_stores_binned_envelopes_after_an_sgd_update_and_reports_th
     for bins in envelopes:
         assert sum(b["count"] for b in bins) == tokens and all(b["q01"] <= b["q50"] <= b["q99"] for b in bins)
     assert {b["hi"] for b in bypass["envelope_before"]} <= {0.1, 0.5, 1.0}
-    # plain SGD keeps the gradient's magnitude: a 4x learning rate moves the policy much more than 4x as far in KL
-    small, _, large = bypass["points"]
-    assert large["update_size_kl"] > 4 * small["update_size_kl"] > 0
+    assert bypass["update"] == {"optimizer": "sgd", "steps": 1} and alp["alp_update"]["optimizer"] == "sgd"
+    small, same_lr, large = bypass["points"]
+    assert large["update_size_kl"] > small["update_size_kl"] > 0
     text = report.read_text()
     assert "## Figure 2: the log-ratio envelope by rollout probability" in text
-    first_bin = bypass["envelope_before"][0]
-    assert f"| [{first_bin['lo']:g}, {first_bin['hi']:g}) | {first_bin['count']} |" in text
+    first_bin, bypass_bin = bypass["envelope_before"][0], same_lr["envelope"][0]
+    # one seed: the values alone; the Bypass column is the update at ALP's learning rate
+    row = f"| [{first_bin['lo']:g}, {first_bin['hi']:g}) | {first_bin['count']} | "
+    row += f"{first_bin['q99'] - first_bin['q01']:.3g} | {bypass_bin['q99'] - bypass_bin['q01']:.3g} |"
+    assert row in text, text[text.index("## Figure 2") :]
     assert (tmp_path / "images" / "figure2_envelopes.png").stat().st_size > 10_000
 
 
-def test_envelope_bin_summary_by_hand():
+def test_envelope_bin_summary_by_hand(tmp_path):
     """Two seeds, one bin: widths averaged over seeds, tokens summed, the seeds where ALP's perturbed envelope is
     narrower than Bypass's at the same lr counted; Bypass's width at ALP's update size interpolated as a power law
     (seed 0: sizes 0.01 and 0.04 give widths 4 and 8, so 4 * sqrt(2) at 0.02), n/a outside its range (seed 1)."""
@@ -159,9 +162,25 @@ def test_envelope_bin_summary_by_hand():
     assert entry["bypass_width_std"] == pytest.approx(2**0.5) and entry["before_q99"] == pytest.approx(2.0)
     assert entry["bypass_matched_width"] == pytest.approx(4 * 2**0.5) and entry["matched_seeds"] == 1
     assert entry["alp_unperturbed_narrower_matched_seeds"] == 1
+    # a seed whose update did not move (every advantage 0) is left out and named
+    still = alp_unit(2, env(-1.0, 1.0), env(-1.0, 1.0), 0.0)
+    still["result"]["alp_update"]["update_size_reverse_k3"] = 0.0
+    records += [bypass_unit(2, env(-1.0, 1.0), env(-1.0, 1.0), env(-1.0, 1.0)), still]
+    (row,) = study.envelope_rows(records)
+    assert [s["seed"] for s in row["seeds"]] == [0, 1] and row["no_signal"] == [2]
+    assert "no learning signal (every rollout rewarded alike, so no update): [2]" in "\n".join(
+        study.envelope_section(records, str(tmp_path))
+    )
 
 
 def test_intervention_engine_and_optimizer_are_checked_before_anything_runs(tmp_path):
+    binned = {"kind": "intervention", "name": "iv", "engines": [{}], "binned_envelopes": True}
+    path = tmp_path / "b.yaml"
+    path.write_text(
+        yaml.safe_dump({"model": "m", "seeds": [0], "experiments": [{**binned, "bypass_lr_multipliers": [2]}]})
+    )
+    with pytest.raises(ValueError, match=r"bypass_lr_multipliers` must include 1 with `binned_envelopes`"):
+        study.load_grid(str(path))
     experiment = {"kind": "intervention", "name": "iv", "engines": [{"engine": "sglang"}], "perturbations": {}}
     path = tmp_path / "g.yaml"
     path.write_text(yaml.safe_dump({"model": "m", "seeds": [0], "experiments": [experiment]}))
@@ -202,13 +221,18 @@ def test_training_summary_counts_spikes_by_value():
 
 def test_ratio_trend_compares_the_first_and_last_quarter_of_the_logged_steps():
     history = [
-        {"step": i, "alp/log_ratio_abs_max": float(v), "alp/train_rollout_kl": 0.01}
+        {"step": i, "alp/log_ratio_abs_max": float(v), "alp/train_rollout_kl": 0.01, "grad_norm": 1.0}
         for i, v in enumerate([1, 3, 2, 2, 2, 2, 8, 4], 1)
     ]
     history.insert(3, {"step": 3.5, "loss": 0.1})  # a step that did not log the ratio is not counted
     trend = study.summarize_training(history, {})
     assert trend["tail_early"] == 2.0 and trend["tail_late"] == 6.0 and trend["tail_growth"] == 3.0
     assert trend["kl_growth"] == pytest.approx(1.0) and "unperturbed_tail_early" not in trend
+    assert trend["tail_nonfinite"] == 0 and trend["late_spike_steps"] == 0
+    history[-1]["alp/log_ratio_abs_max"] = float("inf")  # a blow-up: counted, not averaged
+    history[-2]["grad_norm"] = 50.0  # a spike in the second half
+    trend = study.summarize_training(history, {"spike_grad_norm": 10.0})
+    assert trend["tail_nonfinite"] == 1 and trend["tail_late"] == 8.0 and trend["late_spike_steps"] == 1
 
 
 def test_bad_grid_is_refused_naming_the_key(tmp_path, capsys):
@@ -517,24 +541,3 @@ def test_after_update_widths_and_share_of_reduction_by_hand():
     assert values["share_of_reduction_forward"] == pytest.approx((0.30 - 0.27) / (0.30 - forward))
     assert values["bypass_matched_kl_reverse"] == pytest.approx(0.26)  # reverse size 0.04: the second point
     assert values["share_of_reduction_reverse"] == pytest.approx(0.03 / 0.04)
-
-
-def test_intervention_with_sgd_keeps_binned_envelopes(tmp_path, saved_model_dir):
-    """`update_optimizer: sgd` and `binned_envelopes: true`: after the update, Figure 2's envelope by rollout probability
-    with token counts, for ALP's ratio, ALP's unperturbed policy and every Bypass point."""
-    path = _grid(tmp_path, saved_model_dir)
-    grid = yaml.safe_load(open(path))
-    grid["experiments"][0].update(
-        update_optimizer="sgd",
-        update_lr=0.05,
-        binned_envelopes=True,
-        perturbations={"list": [{"perturb_sigma_init": 0.1}]},
-    )
-    open(path, "w").write(yaml.safe_dump(grid))
-    records = study.main(["--grid", path, "--out", str(tmp_path / "out")])["records"]
-    assert all(r["status"] == "ok" for r in records), [r.get("error") for r in records]
-    bypass, alp = records[0]["result"], records[1]["result"]["alp_update"]
-    tokens = sum(b["count"] for b in alp["envelopes"]["unperturbed_vs_rollout"])
-    assert tokens == sum(b["count"] for b in alp["envelopes"]["perturbed_vs_rollout"]) > 0
-    assert all(sum(b["count"] for b in p["envelope"]) == tokens for p in bypass["points"])
-    assert alp["update_size_kl"] > 0

@@ -19,6 +19,14 @@ class VLLMEngines:
     def __init__(self):
         self._key = self._llm = None
 
+    def close(self) -> None:
+        """Let the engine go (before a training run that needs the memory; the next `get` starts a new one)."""
+        if self._llm is not None:
+            import gc
+
+            self._key = self._llm = None
+            gc.collect()
+
     def get(self, path: str, dtype: str, seed: int):
         from ..model_loading import resolve_model_path
 
@@ -108,7 +116,9 @@ def sample_engine_rollouts(
     torch.manual_seed(seed)
     if engine.get("engine") == "vllm":
         llm = engines.get(model_path, engine.get("dtype", "bfloat16"), seed)
-        return sample_vllm_rollouts(llm, tokenizer, prompts, generations, max_new_tokens, temperature, seed, size)
+        batches = sample_vllm_rollouts(llm, tokenizer, prompts, generations, max_new_tokens, temperature, seed, size)
+        device = next(model.parameters()).device  # where the simulated engines' rollouts are too
+        return [RolloutBatch(*(t.to(device) for t in batch)) for batch in batches]
     return pad_batches(
         sample_rollouts(
             model,

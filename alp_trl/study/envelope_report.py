@@ -38,11 +38,14 @@ def envelope_rows(records: list[dict]) -> list[dict]:
         curve = bypass.get((unit["experiment"], engine_id(unit["engine"]), unit["seed"]))
         if "envelopes" not in alp or curve is None:
             continue
+        key = (unit["experiment"], engine_id(unit["engine"]), config_id(unit["config"]))
+        row = rows.setdefault(key, {"key": key, "config": unit["config"], "seeds": [], "no_signal": []})
+        if alp["update_size_kl"] == 0 and alp["update_size_reverse_k3"] == 0:  # all advantages 0: nothing moved
+            row["no_signal"].append(unit["seed"])
+            continue
         same_lr = next((p for p in curve["points"] if math.isclose(p["lr"], alp["lr"], rel_tol=1e-9)), None)
         if same_lr is None or "envelope" not in same_lr:
             continue
-        key = (unit["experiment"], engine_id(unit["engine"]), config_id(unit["config"]))
-        row = rows.setdefault(key, {"key": key, "config": unit["config"], "seeds": []})
         envelopes = {
             "before": curve["envelope_before"],
             "bypass": same_lr["envelope"],
@@ -69,9 +72,10 @@ def matched_width(seed: dict, lo_hi: tuple) -> float | None:
 
 
 def bin_summary(row: dict) -> list[dict]:
-    """Per rollout-probability bin of a row: the tokens in it over all seeds, each envelope's p1 and p99 and width
-    p99 - p1 (means over the seeds that have tokens there), and in how many seeds ALP's perturbed envelope is narrower
-    than Bypass's."""
+    """Per rollout-probability bin of a row, over the seeds with tokens in it (`seeds`): their tokens there, each
+    envelope's p1 and p99 and width p99 - p1 (means), Bypass's width at ALP's update size (mean over the `matched_seeds`
+    where ALP's size is inside Bypass's range), and in how many seeds ALP's perturbed envelope is narrower than Bypass's
+    at the same lr and ALP's unperturbed one narrower than Bypass's at the same size."""
     bins = sorted({b for seed in row["seeds"] for b in seed["before"]})
     summary = []
     for lo_hi in bins:
@@ -129,10 +133,19 @@ def envelope_section(records: list[dict], image_dir: str) -> list[str]:
     for row in rows:
         seeds = sorted(s["seed"] for s in row["seeds"])
         config = row["config"]
+        no_signal = (
+            f"; left out, no learning signal (every rollout rewarded alike, so no update): {row['no_signal']}"
+            if row["no_signal"]
+            else ""
+        )
         lines += [
             f"**{row['key'][1]}**, sigma {config['perturb_sigma_init']:g} {config['perturb_noise_scale']}, layers "
-            f"{config['perturb_layers']} (seeds {seeds})",
+            f"{config['perturb_layers']} (seeds {seeds}{no_signal})",
             "",
+        ]
+        if not seeds:
+            continue
+        lines += [
             "| rollout prob | tokens | "
             + " | ".join(f"{label}: width" for _, label in (*ENVELOPES, MATCHED))
             + " | ALP perturbed narrower than Bypass, same lr | ALP unperturbed narrower than Bypass, same size |",
@@ -150,8 +163,12 @@ def envelope_section(records: list[dict], image_dir: str) -> list[str]:
 
 
 def _width(entry: dict, name: str) -> str:
+    """`mean ± std` over the seeds; the value alone from one seed."""
     if entry.get(f"{name}_width") is None:
         return "n/a"
+    seeds = entry["matched_seeds"] if name == MATCHED[0] else entry["seeds"]
+    if seeds < 2:
+        return f"{entry[f'{name}_width']:.3g}"
     return f"{entry[f'{name}_width']:.3g} ± {entry[f'{name}_width_std']:.2g}"
 
 

@@ -31,6 +31,12 @@ def load_grid(path: str) -> dict:
             _check_engines(experiment, index)
         if kind == "coverage":
             _check_coverage(experiment, index)
+        if kind == "intervention" and experiment.get("binned_envelopes"):
+            if 1 not in experiment.get("bypass_lr_multipliers", [0.5, 1, 2]):
+                raise ValueError(
+                    f"`experiments[{index}].bypass_lr_multipliers` must include 1 with `binned_envelopes`: the "
+                    "envelopes compare Bypass and ALP at the same learning rate."
+                )
         if kind == "intervention" and experiment.get("update_optimizer", "adamw") not in ("adamw", "sgd"):
             raise ValueError(
                 f"`experiments[{index}].update_optimizer` got {experiment['update_optimizer']!r}; "

@@ -154,6 +154,7 @@ def run_perturbation_unit(context: InterventionContext, experiment: dict, unit: 
         after_perturbed = policy_logps(model, batches, perturbation, temperature, key=50_000)
         result["alp_update"] = {
             "lr": lr,
+            **_update(experiment),
             **measure_update_size(unperturbed, after, mask),
             "unperturbed_vs_rollout": log_ratio_summary(after - rollout, mask),
             "perturbed_vs_rollout": log_ratio_summary(after_perturbed - rollout, mask),
@@ -203,6 +204,7 @@ def run_bypass_unit(context: InterventionContext, experiment: dict, unit: dict) 
         points.append(point)
     context.restore()
     result = {
+        "update": _update(experiment),
         "engine_mismatch": log_ratio_summary(unperturbed - rollout, mask),
         "reward_mean": float(cached["rewards"].mean()),
         "points": points,

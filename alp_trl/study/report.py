@@ -35,7 +35,9 @@ def intervention_rows(records: list[dict]) -> list[dict]:
         if unit["type"] != "perturbation":
             continue
         key = (unit["experiment"], engine_id(unit["engine"]), config_id(unit["config"]))
-        row = rows.setdefault(key, {"key": key, "config": unit["config"], "seeds": [], "failed": [], "pending": []})
+        row = rows.setdefault(
+            key, {"key": key, "config": unit["config"], "seeds": [], "failed": [], "pending": [], "no_signal": []}
+        )
         if record.get("status") == "failed":
             row["failed"].append(unit["seed"])
         if record.get("status") != "ok":
@@ -45,6 +47,9 @@ def intervention_rows(records: list[dict]) -> list[dict]:
         res = record["result"]
         alp = res["alp_update"]
         points = bypass.get((unit["experiment"], engine_id(unit["engine"]), unit["seed"]), [])
+        moved = alp["update_size_kl"] != 0 or alp["update_size_reverse_k3"] != 0
+        if not moved:  # every advantage 0 (all rollouts rewarded alike): no update, nothing to compare after it
+            row["no_signal"].append(unit["seed"])
         row["seeds"].append(
             {
                 "seed": unit["seed"],
@@ -53,10 +58,10 @@ def intervention_rows(records: list[dict]) -> list[dict]:
                 "width_perturbed": res["perturbed"]["width_p01_p99"],
                 "width_ratio": res["perturbed"]["width_p01_p99"] / max(res["unperturbed"]["width_p01_p99"], 1e-12),
                 "kl_perturbed": res["perturbed"]["kl_k3"],
-                "alp_update_size": alp["update_size_kl"],
-                "alp_after_kl": alp["unperturbed_vs_rollout"]["kl_k3"],
+                "alp_update_size": alp["update_size_kl"] if moved else None,
+                "alp_after_kl": alp["unperturbed_vs_rollout"]["kl_k3"] if moved else None,
                 "bypass_matched_kl": matched_bypass(points, alp["update_size_kl"]),
-                **_after_update(res, points),
+                **(_after_update(res, points) if moved else {}),
             }
         )
     return list(rows.values())
@@ -189,10 +194,11 @@ def _intervention_row(row: dict) -> str:
     seeds, config = row["seeds"], row["config"]
 
     def col(name):
-        return mean_std([s[name] for s in seeds])
+        return mean_std([s.get(name) for s in seeds])
 
     label = f"{len(seeds)}" + (f" (failed: {row['failed']})" if row["failed"] else "")
     label += f" (not run yet: {row['pending']})" if row["pending"] else ""
+    label += f" (no learning signal, no update: {row['no_signal']})" if row["no_signal"] else ""
     return (
         f"| {row['key'][1]} | {config['perturb_noise_scale']} | {config['perturb_sigma_init']:g} | "
         f"{config['perturb_layers']} | {label} | {col('engine_kl')} | {col('width_unperturbed')} | "
@@ -289,11 +295,12 @@ def _trend_table(train: list[dict], summaries: dict) -> list[str]:
         "The ratio over training (the paper's Figure 1 asks whether its tail grows): per run, the mean over the first "
         "quarter of the logged steps -> the mean over the last quarter, and the growth (last / first), of the largest "
         "|log ratio| of a step and of the train-rollout KL; under ALP, for the perturbed policy it trains with and, "
-        "where logged (`log_unperturbed_ratio`), for the policy itself.",
+        "where logged (`log_unperturbed_ratio`), for the policy itself; the spike steps in the second half of the run "
+        "(thresholds above) and the steps whose largest |log ratio| was not finite (left out of the means).",
         "",
         "| experiment | method | seed | max abs log ratio | growth | train-rollout KL | growth | unperturbed: max abs "
-        "log ratio | growth | unperturbed: KL | growth |",
-        "|---|---|---:|---|---:|---|---:|---|---:|---|---:|",
+        "log ratio | growth | unperturbed: KL | growth | spike steps, second half | non-finite ratio steps |",
+        "|---|---|---:|---|---:|---|---:|---|---:|---|---:|---:|---:|",
         *(_trend_row(record, summaries[id(record)]) for record in runs),
         "",
     ]
@@ -311,6 +318,7 @@ def _trend_row(record: dict, summary: dict) -> str:
             f"{summary[f'{name}_early']:.3g} -> {summary[f'{name}_late']:.3g}",
             "n/a" if growth is None else f"{growth:.2f}",
         ]
+    cells += [str(summary.get("late_spike_steps", "n/a")), str(summary.get("tail_nonfinite", "n/a"))]
     return f"| {unit['experiment']} | {unit['method']} | {unit['seed']} | " + " | ".join(cells) + " |"
 
 

@@ -45,6 +45,8 @@ def run_unit(context: InterventionContext, grid: dict, experiment: dict, unit: d
     start = time.time()
     record = {"unit": unit, "machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     try:
+        if unit["type"] in ("train", "checkpoint", "eval_base"):  # a subprocess that needs the memory
+            context.engines.close()
         if unit["type"] == "perturbation":
             record["result"] = run_perturbation_unit(context, experiment, unit)
         elif unit["type"] == "bypass_curve":

@@ -87,6 +87,7 @@ def summarize_training(history: list[dict], experiment: dict) -> dict:
         "min_entropy": min(entropy) if entropy else None,
         "final_entropy": entropy[-1] if entropy else None,
         "nonfinite_steps": (steps[-1].get("train/nonfinite_steps") if steps else None),
+        "late_spike_steps": sum(1 for r in spikes if r in steps[len(steps) // 2 :]) if steps else None,
         **ratio_trend(history),
     }
 
@@ -101,13 +102,16 @@ TREND_SERIES = {  # the summary's name: the logged metric whose first and last q
 
 def ratio_trend(history: list[dict]) -> dict:
     """Does the ratio's tail grow over training (the paper's Figure 1)? For each of `TREND_SERIES` that the run
-    logged: the mean over the first and over the last quarter of its logged steps (`<name>_early`, `<name>_late`) and
-    their ratio (`<name>_growth`)."""
+    logged: the mean over the first and over the last quarter of its finite logged steps (`<name>_early`,
+    `<name>_late`), their ratio (`<name>_growth`), and how many steps logged it as inf or NaN (`<name>_nonfinite`: a
+    blow-up, which the means leave out)."""
     trend = {}
     for name, key in TREND_SERIES.items():
-        values = [r[key] for r in history if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        logged = [r[key] for r in history if isinstance(r.get(key), (int, float))]
+        values = [v for v in logged if math.isfinite(v)]
         if len(values) < 2:
             continue
+        trend[f"{name}_nonfinite"] = len(logged) - len(values)
         quarter = max(1, len(values) // 4)
         early, late = sum(values[:quarter]) / quarter, sum(values[-quarter:]) / quarter
         trend.update({f"{name}_early": early, f"{name}_late": late, f"{name}_growth": late / early if early else None})
