@@ -541,3 +541,19 @@ def test_after_update_widths_and_share_of_reduction_by_hand():
     assert values["share_of_reduction_forward"] == pytest.approx((0.30 - 0.27) / (0.30 - forward))
     assert values["bypass_matched_kl_reverse"] == pytest.approx(0.26)  # reverse size 0.04: the second point
     assert values["share_of_reduction_reverse"] == pytest.approx(0.03 / 0.04)
+
+
+def test_every_committed_grid_is_valid():
+    """Each grid in studies/ passes `load_grid`, plans units with unique ids, and names recipes that exist."""
+    repo = Path(__file__).resolve().parents[1]
+    grids = sorted((repo / "studies").glob("*.yaml"))
+    assert len(grids) >= 4
+    for path in grids:
+        grid = study.load_grid(str(path))
+        ids = [u["id"] for u in study.plan_units(grid)]
+        assert ids and len(ids) == len(set(ids)), path.name
+        for experiment in grid["experiments"]:
+            recipes = [experiment.get("recipe")] + [
+                c.get("recipe") for c in (experiment.get("checkpoints") or {}).values()
+            ]
+            assert all((repo / r).exists() for r in recipes if r), (path.name, recipes)
