@@ -141,8 +141,11 @@ def overall_verdict(
         elif control and not realistic:
             text = "closer on the positive control; no realistic engine measured yet"
         elif control:
-            text = "closer on the positive control only: the mechanism works for the theorem's kind of mismatch, "
-            text += "not on the realistic engines measured"
+            held = [v["key"][2] for v in control if v["holds"]]
+            missed = [v["key"][2] for v in control if not v["holds"]]
+            text = f"closer on the positive control only ({', '.join(held)}"
+            text += f"; not on {', '.join(missed)})" if missed else ")"
+            text += f", not on the realistic engines measured ({', '.join(v['key'][2] for v in realistic)})"
         else:
             text = "no positive control in the grid: no verdict"
         pending = [v for v in mine if v["seeds"] < 5]
