@@ -9,7 +9,7 @@ import os
 import statistics
 
 from .grid import config_id, engine_id
-from .intervention_units import power_law_interpolate
+from .intervention_units import bypass_point_at_lr, power_law_interpolate
 
 
 ENVELOPES = (  # (column, what it is)
@@ -43,7 +43,7 @@ def envelope_rows(records: list[dict]) -> list[dict]:
         if alp["update_size_kl"] == 0 and alp["update_size_reverse_k3"] == 0:  # all advantages 0: nothing moved
             row["no_signal"].append(unit["seed"])
             continue
-        same_lr = next((p for p in curve["points"] if math.isclose(p["lr"], alp["lr"], rel_tol=1e-9)), None)
+        same_lr = bypass_point_at_lr(curve["points"], alp["lr"])
         if same_lr is None or "envelope" not in same_lr:
             continue
         envelopes = {

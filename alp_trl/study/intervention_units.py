@@ -216,6 +216,11 @@ def run_bypass_unit(context: InterventionContext, experiment: dict, unit: dict) 
     return result
 
 
+def bypass_point_at_lr(points: list[dict], lr: float) -> dict | None:
+    """The Bypass update of a curve made at learning rate `lr` (ALP's own), or `None` when the curve has none."""
+    return next((p for p in points if math.isclose(p["lr"], lr, rel_tol=1e-9)), None)
+
+
 def matched_bypass(
     points: list[dict], update_size: float, key: str = "kl_k3", size_key: str = "update_size_kl"
 ) -> float | None:

@@ -9,7 +9,7 @@ from .coverage_report import coverage_section
 from .envelope_report import envelope_section
 from .figures import plot_intervention, plot_training
 from .grid import BASE_MODEL, config_id, engine_id, slug
-from .intervention_units import matched_bypass
+from .intervention_units import bypass_point_at_lr, matched_bypass
 from .training_units import training_summaries
 
 
@@ -73,7 +73,7 @@ def _after_update(result: dict, points: list[dict]) -> dict:
     ALP's update size in each KL direction, Bypass's KL to the rollout and ALP's share of Bypass's reduction of it
     (engine KL - after) / (engine KL - Bypass's after): 1 = as much as Bypass, below 1 less."""
     alp, engine_kl = result["alp_update"], result["unperturbed"]["kl_k3"]
-    same_lr = next((p for p in points if math.isclose(p["lr"], alp["lr"], rel_tol=1e-9)), None)
+    same_lr = bypass_point_at_lr(points, alp["lr"])
     values = {
         "width_alp_ratio_after": alp["perturbed_vs_rollout"]["width_p01_p99"],
         "width_bypass_ratio_after": same_lr["vs_rollout"]["width_p01_p99"] if same_lr else None,
