@@ -410,9 +410,56 @@ def test_a_train_unit_launches_the_entry_point_with_the_grids_flags(tmp_path, mo
     assert result["summary"]["steps"] == 1 and result["history"][0]["reward"] == 0.5
 
 
+def test_fisher_exact_fewer_by_hand():
+    from alp_trl.study.significance import fisher_exact_fewer
+
+    # 13 of 16 runs blew up, 8 per group: P(A has <= 5) = C(13,5) C(3,3) / C(16,8) = 1287 / 12870
+    assert fisher_exact_fewer(5, 8, 8, 8) == pytest.approx(0.1)
+    # 12 of 16: P(A <= 4) = C(12,4) C(4,4) / C(16,8) = 495 / 12870
+    assert fisher_exact_fewer(4, 8, 8, 8) == pytest.approx(495 / 12870)
+    assert fisher_exact_fewer(0, 1, 1, 1) == pytest.approx(0.5)  # one event, either run equally likely
+    assert fisher_exact_fewer(8, 8, 8, 8) == 1.0 and fisher_exact_fewer(8, 8, 0, 8) == 1.0
+    # unequal groups: 2 events in 5 + 3 runs, A (5 runs) has 0: C(2,0) C(6,5) / C(8,5) = 6 / 56
+    assert fisher_exact_fewer(0, 5, 2, 3) == pytest.approx(6 / 56)
+    with pytest.raises(ValueError, match="events_b must be between 0 and runs_b"):
+        fisher_exact_fewer(1, 8, 9, 8)
+
+
+def test_training_report_tests_blowups_against_bypass(tmp_path):
+    def record(method, seed, tail):
+        history = [
+            {"step": i + 1, "alp/train_rollout_kl": 0.01, "alp/log_ratio_abs_max": t, "grad_norm": 1.0}
+            for i, t in enumerate([1.0, tail])
+        ]
+        unit = {"id": f"f1__{method}__seed{seed}", "type": "train", "experiment": "f1", "method": method, "seed": seed}
+        return {"unit": unit, "status": "ok", "result": {"history": history, "summary": {}}}
+
+    methods = {"Plain": {"off_policy_correction": "bypass"}, "ALP": {"off_policy_correction": "alp"}, "M": {}}
+    experiment = {"kind": "train", "name": "f1", "blowup_log_ratio": 15.0, "methods": methods}
+    # Plain blows up in all 3 runs, ALP in none, M in 2 of 3
+    records = [record("Plain", s, 20.0) for s in range(3)] + [record("ALP", s, 2.0) for s in range(3)]
+    records += [record("M", 0, 2.0), record("M", 1, 16.0), record("M", 2, 30.0)]
+    results = {
+        "grid": {"model": "m", "seeds": [0, 1, 2], "experiments": [experiment]},
+        "grid_path": "g",
+        "records": records,
+    }
+    report = tmp_path / "evidence.md"
+    study.write_report(results, str(report), "cmd")
+    text = report.read_text()
+    assert "| Plain | 3 |" in text and text.count(" | 3 of 3 |") == 1 and " | 0 of 3 |" in text
+    # ALP 0 of 3 vs 3 of 3: C(3,0) C(3,3) / C(6,3) = 1/20; M 2 of 3 vs 3 of 3: 5 events, P(<= 2) = C(5,2) / C(6,3)
+    assert "- ALP: 0 of 3 against Plain's 3 of 3, p = 0.05" in text
+    assert "- M: 2 of 3 against Plain's 3 of 3, p = 0.5" in text
+    assert "Plain: " not in text.split("Blow-ups against Plain")[1].split("\n\n")[1], (
+        "Bypass not tested against itself"
+    )
+
+
 def test_the_study_package_imports_point_down():
     """Each module of `alp_trl.study` imports only the modules before it (and `alp_trl` modules outside it)."""
     order = [
+        "significance",
         "grid",
         "engine_rollouts",
         "intervention_units",

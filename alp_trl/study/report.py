@@ -10,6 +10,7 @@ from .envelope_report import envelope_section
 from .figures import plot_intervention, plot_training
 from .grid import BASE_MODEL, config_id, engine_id, slug
 from .intervention_units import bypass_point_at_lr, matched_bypass
+from .significance import fisher_exact_fewer
 from .training_units import training_summaries
 
 
@@ -242,7 +243,8 @@ def _experiment_table(name: str, experiment: dict, runs: list[dict], summaries: 
     ]
     has_base = any(r["unit"]["type"] == "eval_base" for r in runs)
     methods = [BASE_MODEL, *experiment["methods"]] if has_base else experiment["methods"]
-    return lines + [_method_row(method, runs, summaries) for method in methods] + [""]
+    rows = [_method_row(method, runs, summaries) for method in methods]
+    return lines + rows + [""] + _blowup_tests(experiment["methods"], runs, summaries)
 
 
 def _method_row(method: str, runs: list[dict], summaries: dict) -> str:
@@ -259,10 +261,40 @@ def _method_row(method: str, runs: list[dict], summaries: dict) -> str:
     )
 
 
-def _blowups(summaries: list[dict]) -> str:
-    """How many of the finished runs blew up (`blowup_step`), of those whose ratio was logged."""
+def _blowup_counts(summaries: list[dict]) -> tuple[int, int]:
+    """(runs that blew up (`blowup_step`), runs whose ratio was logged against a declared limit) of finished runs."""
     logged = [s for s in summaries if s.get("blowup_declared") and ("tail_early" in s or "kl_early" in s)]
-    return f"{sum(s.get('blowup_step') is not None for s in logged)} of {len(logged)}" if logged else "n/a"
+    return sum(s.get("blowup_step") is not None for s in logged), len(logged)
+
+
+def _blowups(summaries: list[dict]) -> str:
+    blown, logged = _blowup_counts(summaries)
+    return f"{blown} of {logged}" if logged else "n/a"
+
+
+def _blowup_tests(methods: dict, runs: list[dict], summaries: dict) -> list[str]:
+    """Each method's blow-ups against the Bypass method's (`off_policy_correction: bypass`) with Fisher's exact
+    one-sided p: the chance of as few blow-ups or fewer at Bypass's rate."""
+    bypass = next((m for m, overrides in methods.items() if overrides.get("off_policy_correction") == "bypass"), None)
+    counts = {}
+    for method in methods:
+        ok = [summaries[id(r)] for r in runs if r["unit"]["method"] == method and r.get("status") == "ok"]
+        counts[method] = _blowup_counts(ok)
+    if bypass is None or not counts[bypass][1]:
+        return []
+    lines = [
+        f"Blow-ups against {bypass}: p is Fisher's exact one-sided test, the chance that the method would blow up in "
+        f"as few of its runs as it did (or fewer) if it had {bypass}'s rate.",
+        "",
+    ]
+    for method, (blown, logged) in counts.items():
+        if method != bypass and logged:
+            p = fisher_exact_fewer(blown, logged, *counts[bypass])
+            lines.append(
+                f"- {method}: {blown} of {logged} against {bypass}'s {counts[bypass][0]} of {counts[bypass][1]}, "
+                f"p = {p:.3g}"
+            )
+    return lines + [""]
 
 
 def _every_run_table(train: list[dict], summaries: dict) -> list[str]:
