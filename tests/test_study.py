@@ -2,6 +2,7 @@
 
 import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -61,6 +62,10 @@ def test_intervention_grid_runs_resumes_and_reports(tmp_path, saved_model_dir):
     assert [p["lr"] for p in bypass] == [5e-4, 2e-3] and bypass[1]["update_size_kl"] > bypass[0]["update_size_kl"]
     text = report.read_text()
     assert "| logit_noise0.5 | absolute | 0.01 | all | 1 |" in text and "alp-trl study --grid" in text
+    # each unit names the code that made it: this checkout's commit (`+dirty` with uncommitted changes)
+    commits = {r["commit"] for r in records}
+    assert len(commits) == 1 and re.fullmatch(r"[0-9a-f]{12}(\+dirty)?", commits.pop() or "")
+    assert f"code commit: {records[0]['commit']} (3 units)." in text
     assert (tmp_path / "images" / "evidence_intervention.png").stat().st_size > 10_000
     assert "![intervention](images/evidence_intervention.png)" in text
     cache = torch.load(out / "cache" / "iv__logit_noise0.5__seed0.pt", weights_only=False)
@@ -110,7 +115,11 @@ def test_figure2_grid_stores_binned_envelopes_after_an_sgd_update_and_reports_th
     row = f"| [{first_bin['lo']:g}, {first_bin['hi']:g}) | {first_bin['count']} | "
     row += f"{first_bin['q99'] - first_bin['q01']:.3g} | {bypass_bin['q99'] - bypass_bin['q01']:.3g} |"
     assert row in text, text[text.index("## Figure 2") :]
-    assert (tmp_path / "images" / "figure2_envelopes.png").stat().st_size > 10_000
+    # figures are named after their report: figure2.md's never overwrite evidence.md's in the same images folder
+    for figure in ("intervention", "envelopes"):
+        assert (tmp_path / "images" / f"figure2_{figure}.png").stat().st_size > 10_000
+        assert f"(images/figure2_{figure}.png)" in text
+    assert not (tmp_path / "images" / "evidence_intervention.png").exists()
 
 
 def test_envelope_bin_summary_by_hand(tmp_path):
@@ -162,6 +171,9 @@ def test_envelope_bin_summary_by_hand(tmp_path):
     assert entry["bypass_width_std"] == pytest.approx(2**0.5) and entry["before_q99"] == pytest.approx(2.0)
     assert entry["bypass_matched_width"] == pytest.approx(4 * 2**0.5) and entry["matched_seeds"] == 1
     assert entry["alp_unperturbed_narrower_matched_seeds"] == 1
+    # across rows (engines x sigmas) the bins' counts add up; one row alone is its own table
+    assert study.envelope_report.bin_tally([row]) == []
+    assert "| [0, 0.5) | 2 of 4 | 2 of 2 |" in study.envelope_report.bin_tally([row, row])
     # a seed whose update did not move (every advantage 0) is left out and named
     still = alp_unit(2, env(-1.0, 1.0), env(-1.0, 1.0), 0.0)
     still["result"]["alp_update"]["update_size_reverse_k3"] = 0.0
@@ -169,7 +181,7 @@ def test_envelope_bin_summary_by_hand(tmp_path):
     (row,) = study.envelope_rows(records)
     assert [s["seed"] for s in row["seeds"]] == [0, 1] and row["no_signal"] == [2]
     assert "no learning signal (every rollout rewarded alike, so no update): [2]" in "\n".join(
-        study.envelope_section(records, str(tmp_path))
+        study.envelope_section(records, str(tmp_path / "images" / "report"))
     )
 
 
@@ -451,6 +463,10 @@ def test_training_report_tests_blowups_against_bypass(tmp_path):
     # ALP 0 of 3 vs 3 of 3: C(3,0) C(3,3) / C(6,3) = 1/20; M 2 of 3 vs 3 of 3: 5 events, P(<= 2) = C(5,2) / C(6,3)
     assert "- ALP: 0 of 3 against Plain's 3 of 3, p = 0.05" in text
     assert "- M: 2 of 3 against Plain's 3 of 3, p = 0.5" in text
+    # an experiment with Bypass alone (or without Bypass) has nothing to test
+    experiment["methods"] = {"Plain": methods["Plain"]}
+    study.write_report({**results, "records": records[:3]}, str(report), "cmd")
+    assert "Blow-ups against" not in report.read_text()
     assert "Plain: " not in text.split("Blow-ups against Plain")[1].split("\n\n")[1], (
         "Bypass not tested against itself"
     )

@@ -2,10 +2,9 @@
 each policy to the engine per sigma (mean ± std over seeds, and how many seeds the averaged policy wins), the Figure-2
 envelope binned by rollout probability, and the figure."""
 
-import os
 import statistics
 
-from .figures import plot_coverage
+from .figures import figure_file, figure_link, plot_coverage
 from .grid import engine_id
 
 
@@ -157,7 +156,7 @@ def overall_verdict(
     return lines
 
 
-def coverage_section(records: list[dict], experiments: dict, image_dir: str, command: str) -> list[str]:
+def coverage_section(records: list[dict], experiments: dict, images: str, command: str) -> list[str]:
     """The coverage experiments' part of the report (empty when the grid has none)."""
     rows = coverage_rows(records)
     if not rows:
@@ -178,7 +177,8 @@ def coverage_section(records: list[dict], experiments: dict, image_dir: str, com
         "smooths without noise (the unperturbed policy at the temperature T that gives it pi_bar's mean entropy), "
         "and one noise draw (what ALP's ratio uses). KL per token, k1 estimate on the tokens the engine sampled "
         "(unbiased; all four on the same tokens, so differences are paired). sigma = multiplier x the engine's "
-        "scale: the sigma whose single draw is as far from the policy as the engine is (`matched_sigma`). 'wins': "
+        "scale: the sigma whose single draw is as far from the policy as the engine is (`matched_sigma`), measured on "
+        "the first seed of each checkpoint and engine and reused for the others. 'wins': "
         "seeds where pi_bar is closer than both the policy and the temperature control; the verdict counts them at "
         "1x absolute only, fixed before the runs (the other 5 settings are exploration). With K draws, log pi_bar "
         "is estimated low (Jensen), which handicaps pi_bar, most at large sigma.",
@@ -204,14 +204,15 @@ def coverage_section(records: list[dict], experiments: dict, image_dir: str, com
         for e in experiment["engines"]
     ]
     lines += ["", *overall_verdict(verdicts(rows, positive), planned, positive)]
-    path = os.path.join(image_dir, "coverage.png")
-    if plot_coverage(rows, path):
-        lines += ["", f"![coverage](images/{os.path.basename(path)})"]
+    image = figure_file(images, "kl")
+    if plot_coverage(rows, image):
+        lines += ["", f"![coverage]({figure_link(image)})"]
     lines += [
         "",
         "Per setting (mean ± std over seeds; KL(inference || X) per token, k1; 'averaged - policy' and "
         "'averaged - temperature': the paired difference over every seed's sequences pooled, with its 95% bootstrap "
-        "interval over sequences; below 0: the averaged policy is closer):",
+        "interval over sequences; below 0: the averaged policy is closer; n/a where the units were run before "
+        "per-sequence values were stored):",
         "",
         "| checkpoint | engine | noise | x scale | sigma | seeds | tokens | policy | averaged | temperature (T) | "
         "one draw | averaged - policy | averaged - temperature | wins |",

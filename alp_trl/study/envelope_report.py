@@ -5,9 +5,9 @@ beside the policy before the update; token counts per bin. From the units of an 
 `binned_envelopes: true`."""
 
 import math
-import os
 import statistics
 
+from .figures import figure_file, figure_link
 from .grid import config_id, engine_id
 from .intervention_units import bypass_point_at_lr, power_law_interpolate
 
@@ -109,17 +109,17 @@ def bin_summary(row: dict) -> list[dict]:
     return summary
 
 
-def envelope_section(records: list[dict], image_dir: str) -> list[str]:
+def envelope_section(records: list[dict], images: str) -> list[str]:
     """The Figure 2 section of a report: its figure, then one table per (engine, perturbation config)."""
     rows = envelope_rows(records)
     if not rows:
         return []
-    os.makedirs(image_dir, exist_ok=True)
-    drawn = plot_envelopes(rows, os.path.join(image_dir, "figure2_envelopes.png"))
+    image = figure_file(images, "envelopes")
+    drawn = plot_envelopes(rows, image)
     lines = [
         "## Figure 2: the log-ratio envelope by rollout probability, after one update",
         "",
-        *(["![figure 2](images/figure2_envelopes.png)", ""] if drawn else []),
+        *([f"![figure 2]({figure_link(image)})", ""] if drawn else []),
         "Tokens binned by the engine's probability of them; per bin the width p99 - p1 of the token log-ratio "
         "(policy vs rollout), mean ± std over seeds, for the policy before the update, Bypass after one update at "
         "ALP's learning rate, and ALP after its update (its perturbed policy, the ratio it trains with, and its "
@@ -130,6 +130,7 @@ def envelope_section(records: list[dict], image_dir: str) -> list[str]:
         "directions, are in the tables above.",
         "",
     ]
+    lines += bin_tally(rows)
     for row in rows:
         seeds = sorted(s["seed"] for s in row["seeds"])
         config = row["config"]
@@ -160,6 +161,31 @@ def envelope_section(records: list[dict], image_dir: str) -> list[str]:
             )
         lines.append("")
     return lines
+
+
+def bin_tally(rows: list[dict]) -> list[str]:
+    """Per rollout-probability bin, the comparisons of every row (engine x sigma) and seed added up: where the paper
+    expects the narrowing most (low-probability tokens) this shows whether it is there. The comparisons share seeds
+    and rollouts across sigmas, so they are not independent."""
+    tally = {}
+    for row in rows:
+        for entry in bin_summary(row):
+            counts = tally.setdefault((entry["lo"], entry["hi"]), [0, 0, 0, 0])
+            counts[0] += entry["alp_narrower_seeds"]
+            counts[1] += entry["seeds"]
+            counts[2] += entry["alp_unperturbed_narrower_matched_seeds"]
+            counts[3] += entry["matched_seeds"]
+    if len(rows) < 2:
+        return []
+    return [
+        "All engines, sigmas and seeds added up, per bin (the comparisons share seeds and rollouts across sigmas, so "
+        "they are not independent):",
+        "",
+        "| rollout prob | ALP perturbed narrower than Bypass, same lr | ALP unperturbed narrower than Bypass, same size |",
+        "|---|---:|---:|",
+        *(f"| [{lo:g}, {hi:g}) | {a} of {n} | {b} of {m} |" for (lo, hi), (a, n, b, m) in sorted(tally.items())),
+        "",
+    ]
 
 
 def _width(entry: dict, name: str) -> str:

@@ -4,6 +4,18 @@ import os
 import statistics
 
 
+def figure_file(images: str, name: str) -> str:
+    """The file of a report's figure `name`: `<images>_<name>.png` (`images`: the images folder joined with the
+    report's name, so that reports sharing a folder never overwrite each other's figures); the folder is created."""
+    os.makedirs(os.path.dirname(images), exist_ok=True)
+    return f"{images}_{name}.png"
+
+
+def figure_link(path: str) -> str:
+    """The markdown link to a figure from its report, which sits beside the images folder."""
+    return f"images/{os.path.basename(path)}"
+
+
 def plot_intervention(rows: list[dict], path: str) -> bool:
     """Per engine: the perturbed / unperturbed envelope width ratio vs sigma (all layers, per noise scale), and the KL
     to the rollout after one ALP update vs Bypass at the matched update size. Returns whether anything was drawn."""

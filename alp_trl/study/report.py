@@ -1,13 +1,14 @@
 """A study's markdown report (docs/evidence.md): the setup, the one-step intervention table (mean ± std over seeds),
 each training experiment's table by method, every run, and the failed units; the figures beside it in `images/`."""
 
+import collections
 import math
 import os
 import statistics
 
 from .coverage_report import coverage_section
 from .envelope_report import envelope_section
-from .figures import plot_intervention, plot_training
+from .figures import figure_file, figure_link, plot_intervention, plot_training
 from .grid import BASE_MODEL, config_id, engine_id, slug
 from .intervention_units import bypass_point_at_lr, matched_bypass
 from .significance import fisher_exact_fewer
@@ -98,14 +99,16 @@ def _own_seeds(grid: dict) -> str:
 def write_report(results: dict, path: str, command: str) -> None:
     """The markdown report: setup, every intervention row (mean ± std over seeds), every training run."""
     records, grid = results["records"], results["grid"]
+    # each report's figures are named after it (images/<report>_<figure>.png): reports share docs/images
     image_dir = os.path.join(os.path.dirname(os.path.abspath(path)), "images")
+    images = os.path.join(image_dir, os.path.splitext(os.path.basename(path))[0])
     lines = [
         *_setup_section(results, command),
         *_conclusion_section(grid),
-        *coverage_section(records, {e["name"]: e for e in grid["experiments"]}, image_dir, command),
-        *_intervention_section(records, image_dir),
-        *envelope_section(records, image_dir),
-        *_training_section(records, grid, image_dir),
+        *coverage_section(records, {e["name"]: e for e in grid["experiments"]}, images, command),
+        *_intervention_section(records, images),
+        *envelope_section(records, images),
+        *_training_section(records, grid, images),
         *_failed_section(records),
     ]
     with open(path, "w") as f:
@@ -126,9 +129,20 @@ def _setup_section(results: dict, command: str) -> list[str]:
         f"Reproduce: `{command}` (resumable; `make {grid.get('make_target', 'study')}`). Grid: `{results['grid_path']}`, model "
         f"`{grid['model']}`, seeds {grid['seeds']}{_own_seeds(grid)}. Machine(s): {'; '.join(machines) or 'n/a'}. "
         f"Units: {len(done)} done, {len(failed)} failed, {len(missing)} not run yet; {seconds / 60:.1f} min of "
-        "compute in the finished units.",
+        f"compute in the finished units.{_provenance(done)}",
         "",
     ]
+
+
+def _provenance(done: list[dict]) -> str:
+    """When the finished units ran and with which commit of this code (units from before commits were recorded have
+    none: rerunning them at today's code may differ)."""
+    dates = sorted(r["started"][:10] for r in done if r.get("started"))
+    if not dates:
+        return ""
+    commits = collections.Counter(r.get("commit") or "not recorded" for r in done)
+    code = ", ".join(f"{commit} ({n} units)" for commit, n in sorted(commits.items()))
+    return f" Run {dates[0]}{' to ' + dates[-1] if dates[-1] != dates[0] else ''}; code commit: {code}."
 
 
 def _conclusion_section(grid: dict) -> list[str]:
@@ -138,17 +152,17 @@ def _conclusion_section(grid: dict) -> list[str]:
     return ["## Conclusion", "", grid["conclusion"].strip(), ""]
 
 
-def _intervention_section(records: list[dict], image_dir: str) -> list[str]:
+def _intervention_section(records: list[dict], images: str) -> list[str]:
     """The one-step intervention: its figure and one table row per (engine, perturbation config)."""
     rows = intervention_rows(records)
     if not rows:
         return []
-    os.makedirs(image_dir, exist_ok=True)
-    drawn = plot_intervention(rows, os.path.join(image_dir, "evidence_intervention.png"))
+    image = figure_file(images, "intervention")
+    drawn = plot_intervention(rows, image)
     return [
         "## One-step intervention",
         "",
-        *(["![intervention](images/evidence_intervention.png)", ""] if drawn else []),
+        *([f"![intervention]({figure_link(image)})", ""] if drawn else []),
         "Per engine and perturbation (mean ± std over seeds): the width p99 - p1 of the token log-ratio training vs "
         "rollout without noise and with it (ratio < 1: the perturbed envelope is narrower), the perturbed ratio's "
         "KL to the rollout, and after one ALP update the unperturbed policy's KL to the rollout beside Bypass's "
@@ -208,29 +222,29 @@ def _intervention_row(row: dict) -> str:
     )
 
 
-def _training_section(records: list[dict], grid: dict, image_dir: str) -> list[str]:
+def _training_section(records: list[dict], grid: dict, images: str) -> list[str]:
     """Per training experiment its figure and table by method, then every run."""
     train = [r for r in records if r["unit"]["type"] in ("train", "eval_base")]
     if not train:
         return []
     experiments = {e["name"]: e for e in grid["experiments"]}
     summaries = training_summaries(train, experiments)
-    os.makedirs(image_dir, exist_ok=True)
     lines = ["## Training runs", ""]
     for name, experiment in experiments.items():
         runs = [r for r in train if r["unit"]["experiment"] == name]
         if runs:
-            lines += _experiment_table(name, experiment, runs, summaries, image_dir)
+            lines += _experiment_table(name, experiment, runs, summaries, images)
     return lines + _every_run_table(train, summaries) + _trend_table(train, summaries)
 
 
-def _experiment_table(name: str, experiment: dict, runs: list[dict], summaries: dict, image_dir: str) -> list[str]:
+def _experiment_table(name: str, experiment: dict, runs: list[dict], summaries: dict, images: str) -> list[str]:
     """One training experiment: its figure and one row per method (the untrained model first, when evaluated)."""
-    drawn = plot_training(runs, os.path.join(image_dir, f"evidence_{slug(name)}.png"))
+    image = figure_file(images, slug(name))
+    drawn = plot_training(runs, image)
     lines = [
         f"### {name}",
         "",
-        *([f"![{name}](images/evidence_{slug(name)}.png)", ""] if drawn else []),
+        *([f"![{name}]({figure_link(image)})", ""] if drawn else []),
         f"Per method, mean ± std over the seeds that finished. A spike is a step whose train-rollout KL "
         f"exceeds {experiment.get('spike_kl', 0.05):g} or whose grad norm exceeds "
         f"{experiment.get('spike_grad_norm', 10.0):g} (or is not finite). Under ALP the train side of the "
@@ -280,20 +294,20 @@ def _blowup_tests(methods: dict, runs: list[dict], summaries: dict) -> list[str]
     for method in methods:
         ok = [summaries[id(r)] for r in runs if r["unit"]["method"] == method and r.get("status") == "ok"]
         counts[method] = _blowup_counts(ok)
-    if bypass is None or not counts[bypass][1]:
+    others = [m for m, (_, logged) in counts.items() if m != bypass and logged]
+    if bypass is None or not counts[bypass][1] or not others:
         return []
     lines = [
         f"Blow-ups against {bypass}: p is Fisher's exact one-sided test, the chance that the method would blow up in "
         f"as few of its runs as it did (or fewer) if it had {bypass}'s rate.",
         "",
     ]
-    for method, (blown, logged) in counts.items():
-        if method != bypass and logged:
-            p = fisher_exact_fewer(blown, logged, *counts[bypass])
-            lines.append(
-                f"- {method}: {blown} of {logged} against {bypass}'s {counts[bypass][0]} of {counts[bypass][1]}, "
-                f"p = {p:.3g}"
-            )
+    for method in others:
+        blown, logged = counts[method]
+        p = fisher_exact_fewer(blown, logged, *counts[bypass])
+        lines.append(
+            f"- {method}: {blown} of {logged} against {bypass}'s {counts[bypass][0]} of {counts[bypass][1]}, p = {p:.3g}"
+        )
     return lines + [""]
 
 

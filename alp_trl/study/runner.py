@@ -4,6 +4,7 @@ collected from the stored units (a unit without a result is listed as `not run`)
 import json
 import os
 import platform
+import subprocess
 import time
 import traceback
 
@@ -43,7 +44,12 @@ def run_unit(context: InterventionContext, grid: dict, experiment: dict, unit: d
     """The record of one unit: its result, or its error and traceback when it failed (a failed run is recorded and
     shown, never dropped), with the machine, the start time and the seconds it took."""
     start = time.time()
-    record = {"unit": unit, "machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    record = {
+        "unit": unit,
+        "machine": machine(),
+        "commit": code_commit(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
     try:
         if unit["type"] in ("train", "checkpoint", "eval_base"):  # a subprocess that needs the memory
             context.engines.close()
@@ -79,6 +85,24 @@ def machine() -> str:
     cpu = platform.processor() or platform.machine()
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     return f"{platform.node()} ({cpu}, {os.cpu_count()} cores, {gpu}), torch {torch.__version__}"
+
+
+def code_commit() -> str | None:
+    """The git commit of the alp_trl checkout that ran a unit (`+dirty` with uncommitted changes to tracked files), so
+    a unit can be rerun with the code that made it; `None` outside a git checkout."""
+    folder = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def git(*args):
+        return subprocess.run(["git", "-C", folder, *args], capture_output=True, text=True, timeout=30)
+
+    try:
+        head = git("rev-parse", "--short=12", "HEAD")
+        if head.returncode != 0:
+            return None
+        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty else "")
 
 
 def load_records(out_dir: str, units: list[dict]) -> list[dict]:
