@@ -103,7 +103,7 @@ def verdicts(rows: list[dict], positive_controls: list[str]) -> list[dict]:
         wins = sum(s["averaged_wins"] for s in seeds)
         entry = found.setdefault(key, {"key": key, "wins": 0, "seeds": 0, "best": None})
         if row["key"][3:] == PRIMARY_SETTING:
-            entry.update(wins=wins, seeds=len(seeds))
+            entry.update(wins=wins, seeds=len(seeds), winners=sorted(s["seed"] for s in seeds if s["averaged_wins"]))
         best = entry["best"]
         if best is None or wins / len(seeds) > best["wins"] / best["seeds"]:
             entry["best"] = {"setting": row["key"][3:], "wins": wins, "seeds": len(seeds)}
@@ -185,8 +185,9 @@ def coverage_section(records: list[dict], experiments: dict, images: str, comman
         "",
         f"Verdicts (as of {dates[-1] if dates else 'n/a'}; reproduce: `{command}`):",
         "",
-        "| checkpoint | engine | wins at 1x, absolute (fixed in advance) | verdict | exploration: most wins at |",
-        "|---|---|---:|---|---|",
+        "| checkpoint | engine | wins at 1x, absolute (fixed in advance) | seeds that won | verdict | "
+        "exploration: most wins at |",
+        "|---|---|---:|---|---|---|",
     ]
     for v in verdicts(rows, positive):
         _, checkpoint, engine = v["key"]
@@ -194,7 +195,8 @@ def coverage_section(records: list[dict], experiments: dict, images: str, comman
         verdict = "averaged closer in enough seeds" if v["holds"] else "not closer in enough seeds"
         best = v["best"]
         lines.append(
-            f"| {checkpoint} | {engine}{role} | {v['wins']} of {v['seeds']} | {verdict} | {best['setting'][0]}, "
+            f"| {checkpoint} | {engine}{role} | {v['wins']} of {v['seeds']} | {v.get('winners') or 'none'} | {verdict} "
+            f"| {best['setting'][0]}, "
             f"{best['setting'][1]:g}x ({best['wins']} of {best['seeds']}) |"
         )
     planned = [
