@@ -23,7 +23,7 @@ An experiment may set its own `seeds`, replacing the grid's. Every unit of work 
 `DIR/units/<id>.json` when it is done; a second invocation skips what exists, so an interruption loses at most the
 unit in progress. `DIR/results.json` collects every unit, failed ones included (with their error), and
 `--report PATH` writes the markdown report (tables as mean +- std over seeds, every run listed) and its plot
-(`images/evidence_intervention.png` beside the report).
+(`images/<report>_<figure>.png` beside the report, e.g. `images/evidence_intervention.png` for evidence.md).
 """
 
 import argparse

@@ -167,6 +167,8 @@ def bin_tally(rows: list[dict]) -> list[str]:
     """Per rollout-probability bin, the comparisons of every row (engine x sigma) and seed added up: where the paper
     expects the narrowing most (low-probability tokens) this shows whether it is there. The comparisons share seeds
     and rollouts across sigmas, so they are not independent."""
+    if len(rows) < 2:
+        return []
     tally = {}
     for row in rows:
         for entry in bin_summary(row):
@@ -175,8 +177,6 @@ def bin_tally(rows: list[dict]) -> list[str]:
             counts[1] += entry["seeds"]
             counts[2] += entry["alp_unperturbed_narrower_matched_seeds"]
             counts[3] += entry["matched_seeds"]
-    if len(rows) < 2:
-        return []
     return [
         "All engines, sigmas and seeds added up, per bin (the comparisons share seeds and rollouts across sigmas, so "
         "they are not independent):",

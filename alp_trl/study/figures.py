@@ -7,7 +7,7 @@ import statistics
 def figure_file(images: str, name: str) -> str:
     """The file of a report's figure `name`: `<images>_<name>.png` (`images`: the images folder joined with the
     report's name, so that reports sharing a folder never overwrite each other's figures); the folder is created."""
-    os.makedirs(os.path.dirname(images), exist_ok=True)
+    os.makedirs(os.path.dirname(images) or ".", exist_ok=True)
     return f"{images}_{name}.png"
 
 

@@ -258,7 +258,7 @@ def _experiment_table(name: str, experiment: dict, runs: list[dict], summaries: 
     has_base = any(r["unit"]["type"] == "eval_base" for r in runs)
     methods = [BASE_MODEL, *experiment["methods"]] if has_base else experiment["methods"]
     rows = [_method_row(method, runs, summaries) for method in methods]
-    return lines + rows + [""] + _blowup_tests(experiment["methods"], runs, summaries)
+    return lines + rows + [""] + _blowup_tests(experiment, runs, summaries)
 
 
 def _method_row(method: str, runs: list[dict], summaries: dict) -> str:
@@ -282,14 +282,17 @@ def _blowup_counts(summaries: list[dict]) -> tuple[int, int]:
 
 
 def _blowups(summaries: list[dict]) -> str:
+    """`k of n`: how many of the runs judged blew up (`n/a` when none declares limits or logs its ratio)."""
     blown, logged = _blowup_counts(summaries)
     return f"{blown} of {logged}" if logged else "n/a"
 
 
-def _blowup_tests(methods: dict, runs: list[dict], summaries: dict) -> list[str]:
-    """Each method's blow-ups against the Bypass method's (`off_policy_correction: bypass`) with Fisher's exact
-    one-sided p: the chance of as few blow-ups or fewer at Bypass's rate."""
-    bypass = next((m for m, overrides in methods.items() if overrides.get("off_policy_correction") == "bypass"), None)
+def _blowup_tests(experiment: dict, runs: list[dict], summaries: dict) -> list[str]:
+    """Each method's blow-ups against the Bypass method's (`off_policy_correction: bypass`, its own or the
+    experiment's) with Fisher's exact one-sided p: the chance of as few blow-ups or fewer if both had the same rate."""
+    methods, shared = experiment["methods"], experiment.get("overrides", {})
+    corrections = {m: {**shared, **overrides}.get("off_policy_correction") for m, overrides in methods.items()}
+    bypass = next((m for m, correction in corrections.items() if correction == "bypass"), None)
     counts = {}
     for method in methods:
         ok = [summaries[id(r)] for r in runs if r["unit"]["method"] == method and r.get("status") == "ok"]
@@ -297,16 +300,19 @@ def _blowup_tests(methods: dict, runs: list[dict], summaries: dict) -> list[str]
     others = [m for m, (_, logged) in counts.items() if m != bypass and logged]
     if bypass is None or not counts[bypass][1] or not others:
         return []
+    bypass_blown, bypass_logged = counts[bypass]
+    if not bypass_blown:
+        return [f"No {bypass} run blew up ({bypass_logged} judged): no method can blow up less.", ""]
     lines = [
         f"Blow-ups against {bypass}: p is Fisher's exact one-sided test, the chance that the method would blow up in "
-        f"as few of its runs as it did (or fewer) if it had {bypass}'s rate.",
+        f"as few of its runs as it did (or fewer) if both had the same rate.",
         "",
     ]
     for method in others:
         blown, logged = counts[method]
-        p = fisher_exact_fewer(blown, logged, *counts[bypass])
+        p = fisher_exact_fewer(blown, logged, bypass_blown, bypass_logged)
         lines.append(
-            f"- {method}: {blown} of {logged} against {bypass}'s {counts[bypass][0]} of {counts[bypass][1]}, p = {p:.3g}"
+            f"- {method}: {blown} of {logged} against {bypass}'s {bypass_blown} of {bypass_logged}, p = {p:.3g}"
         )
     return lines + [""]
 

@@ -88,21 +88,27 @@ def machine() -> str:
 
 
 def code_commit() -> str | None:
-    """The git commit of the alp_trl checkout that ran a unit (`+dirty` with uncommitted changes to tracked files), so
-    a unit can be rerun with the code that made it; `None` outside a git checkout."""
+    """The git commit of the alp_trl checkout that ran a unit, so that it can be rerun with the code that made it:
+    `+dirty` when the package or the recipes have uncommitted changes (reports and grids being edited do not count),
+    `+unknown` when that could not be told; `None` outside a git checkout."""
     folder = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}  # never take the index lock of a checkout being committed to
 
     def git(*args):
-        return subprocess.run(["git", "-C", folder, *args], capture_output=True, text=True, timeout=30)
+        return subprocess.run(["git", "-C", folder, *args], capture_output=True, text=True, timeout=30, env=env)
 
     try:
         head = git("rev-parse", "--short=12", "HEAD")
-        if head.returncode != 0:
-            return None
-        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
-    return head.stdout.strip() + ("+dirty" if dirty else "")
+    if head.returncode != 0:
+        return None
+    try:
+        status = git("status", "--porcelain", "--untracked-files=no", "--", ".", "../recipes")
+        suffix = "+unknown" if status.returncode != 0 else "+dirty" if status.stdout.strip() else ""
+    except subprocess.SubprocessError:
+        suffix = "+unknown"
+    return head.stdout.strip() + suffix
 
 
 def load_records(out_dir: str, units: list[dict]) -> list[dict]:
