@@ -2,6 +2,7 @@
 
 import ast
 import json
+import pickle
 import re
 import subprocess
 import sys
@@ -492,10 +493,25 @@ def test_training_report_tests_blowups_against_bypass(tmp_path):
     assert "No Plain run blew up (3 judged)" in text and "p = " not in text
 
 
+def test_an_interrupted_cache_write_leaves_the_previous_file_whole(tmp_path):
+    from alp_trl.study.atomic_files import save_torch_atomically, write_json_atomically
+
+    path = str(tmp_path / "cache" / "unit.pt")
+    save_torch_atomically({"batches": [(torch.ones(2),)]}, path)
+    with pytest.raises((pickle.PicklingError, AttributeError)):  # a lambda cannot be pickled: the write fails part way
+        save_torch_atomically({"batches": [(torch.zeros(2),)], "bad": lambda: 0}, path)
+    assert torch.equal(torch.load(path, weights_only=False)["batches"][0][0], torch.ones(2))
+    write_json_atomically(str(tmp_path / "scale.json"), {"absolute": 0.01})
+    with pytest.raises(TypeError):
+        write_json_atomically(str(tmp_path / "scale.json"), {"absolute": object()})
+    assert json.loads((tmp_path / "scale.json").read_text()) == {"absolute": 0.01}
+
+
 def test_the_study_package_imports_point_down():
     """Each module of `alp_trl.study` imports only the modules before it (and `alp_trl` modules outside it)."""
     order = [
         "significance",
+        "atomic_files",
         "grid",
         "engine_rollouts",
         "intervention_units",

@@ -14,6 +14,7 @@ import torch
 
 from ..intervention import RolloutBatch, policy_logps, prepared_prompts
 from ..marginal_coverage import coverage, joint, kl_to_inference, matched_sigma
+from .atomic_files import save_torch_atomically, write_json_atomically
 from .engine_rollouts import VLLMEngines, sample_engine_rollouts
 from .grid import engine_id
 
@@ -61,8 +62,7 @@ def unit_rollouts(context: CoverageContext, experiment: dict, unit: dict) -> lis
     batches = sample_engine_rollouts(
         model, tokenizer, context.engines, model_path, prompts_of(tokenizer, data), engine, data, seed
     )
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save({"batches": [tuple(b) for b in batches], "engine": engine, "seed": seed}, path)
+    save_torch_atomically({"batches": [tuple(b) for b in batches], "engine": engine, "seed": seed}, path)
     return batches
 
 
@@ -94,8 +94,7 @@ def engine_scale(context: CoverageContext, experiment: dict, unit: dict, model, 
             )
 
         scale[noise_scale] = matched_sigma(model, attach, batches, engine_kl["kl_k3"], temperature=temperature)
-    with open(path, "w") as f:
-        json.dump(scale, f)
+    write_json_atomically(path, scale)
     return scale
 
 

@@ -8,6 +8,7 @@ import torch
 
 from ..intervention import RolloutBatch, group_advantages, one_update, policy_logps, prepared_prompts
 from ..ratio_statistics import binned_log_ratio_envelope
+from .atomic_files import save_torch_atomically
 from .engine_rollouts import VLLMEngines, sample_engine_rollouts
 from .grid import engine_id
 
@@ -51,8 +52,7 @@ class InterventionContext:
             cached = sample_intervention_batch(
                 model, tokenizer, experiment.get("data", {}), engine, seed, self.engines, self.grid["model"]
             )
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            torch.save({**cached, "batches": [tuple(batch) for batch in cached["batches"]]}, path)
+            save_torch_atomically({**cached, "batches": [tuple(batch) for batch in cached["batches"]]}, path)
         self.rollouts[key] = cached
         return cached
 

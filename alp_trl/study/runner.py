@@ -10,6 +10,7 @@ import traceback
 
 import torch
 
+from .atomic_files import write_json_atomically
 from .coverage_units import CoverageContext, run_checkpoint_unit, run_coverage_unit
 from .engine_rollouts import VLLMEngines
 from .grid import load_grid, only_experiments, plan_units
@@ -74,13 +75,6 @@ def run_unit(context: InterventionContext, grid: dict, experiment: dict, unit: d
     return record
 
 
-def write_json_atomically(path: str, value) -> None:
-    """Write through a temporary file and rename it: an interrupted write never leaves a half file."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(value, f)
-    os.replace(path + ".tmp", path)
-
-
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
@@ -127,6 +121,5 @@ def load_records(out_dir: str, units: list[dict]) -> list[dict]:
 def collect(grid: dict, grid_path: str, out_dir: str, units: list[dict]) -> dict:
     results = {"grid": grid, "grid_path": grid_path, "records": load_records(out_dir, units)}
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(results, f)
+    write_json_atomically(os.path.join(out_dir, "results.json"), results)
     return results
