@@ -261,8 +261,13 @@ def _experiment_table(name: str, experiment: dict, runs: list[dict], summaries: 
     return lines + rows + [""] + _blowup_tests(experiment, runs, summaries)
 
 
+def _finished(method: str, runs: list[dict], summaries: dict) -> list[dict]:
+    """The summaries of `method`'s runs that finished."""
+    return [summaries[id(r)] for r in runs if r["unit"]["method"] == method and r.get("status") == "ok"]
+
+
 def _method_row(method: str, runs: list[dict], summaries: dict) -> str:
-    ok = [summaries[id(r)] for r in runs if r["unit"]["method"] == method and r.get("status") == "ok"]
+    ok = _finished(method, runs, summaries)
     bad = [r["unit"]["seed"] for r in runs if r["unit"]["method"] == method and r.get("status") == "failed"]
 
     def agg(key):
@@ -293,10 +298,7 @@ def _blowup_tests(experiment: dict, runs: list[dict], summaries: dict) -> list[s
     methods, shared = experiment["methods"], experiment.get("overrides", {})
     corrections = {m: {**shared, **overrides}.get("off_policy_correction") for m, overrides in methods.items()}
     bypass = next((m for m, correction in corrections.items() if correction == "bypass"), None)
-    counts = {}
-    for method in methods:
-        ok = [summaries[id(r)] for r in runs if r["unit"]["method"] == method and r.get("status") == "ok"]
-        counts[method] = _blowup_counts(ok)
+    counts = {method: _blowup_counts(_finished(method, runs, summaries)) for method in methods}
     others = [m for m, (_, logged) in counts.items() if m != bypass and logged]
     if bypass is None or not counts[bypass][1] or not others:
         return []

@@ -120,6 +120,5 @@ def load_records(out_dir: str, units: list[dict]) -> list[dict]:
 
 def collect(grid: dict, grid_path: str, out_dir: str, units: list[dict]) -> dict:
     results = {"grid": grid, "grid_path": grid_path, "records": load_records(out_dir, units)}
-    os.makedirs(out_dir, exist_ok=True)
     write_json_atomically(os.path.join(out_dir, "results.json"), results)
     return results

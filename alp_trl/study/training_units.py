@@ -89,9 +89,15 @@ def summarize_training(history: list[dict], experiment: dict) -> dict:
         "nonfinite_steps": (steps[-1].get("train/nonfinite_steps") if steps else None),
         "late_spike_steps": sum(1 for r in spikes if r in steps[len(steps) // 2 :]) if steps else None,
         "blowup_step": blowup_step(history, experiment),
-        "blowup_declared": "blowup_kl" in experiment or "blowup_log_ratio" in experiment,
+        "blowup_declared": declares_blowup(experiment),
         **ratio_trend(history),
     }
+
+
+def declares_blowup(experiment: dict) -> bool:
+    """Whether the experiment judges blow-ups: it sets `blowup_kl` or `blowup_log_ratio` (a blow-up is relative to
+    the engine's own mismatch, so there is no default)."""
+    return "blowup_kl" in experiment or "blowup_log_ratio" in experiment
 
 
 def blowup_step(history: list[dict], experiment: dict) -> int | None:
@@ -99,7 +105,7 @@ def blowup_step(history: list[dict], experiment: dict) -> int | None:
     `blowup_kl` or its largest |log ratio| above `blowup_log_ratio`, or either not finite; under ALP the unperturbed
     policy's (`log_unperturbed_ratio`) where logged, so that the noise draw itself is not counted. `None` when no step
     did, or the experiment declares neither threshold (a blow-up is relative to the engine's own mismatch)."""
-    if "blowup_kl" not in experiment and "blowup_log_ratio" not in experiment:
+    if not declares_blowup(experiment):
         return None
     kl_limit, tail_limit = experiment.get("blowup_kl", math.inf), experiment.get("blowup_log_ratio", math.inf)
     own = any("alp/unperturbed_train_rollout_kl" in r for r in history)
