@@ -379,6 +379,12 @@ class ALPConfig(GRPOConfig):
         return not self.correction.is_trl_loss or self.log_rollout_mismatch
 
     @property
+    def rejection_drops_tokens(self) -> bool:
+        """A MIS / TIS rejection (MIS's bounds, or the veto) can remove tokens from the loss mask (`mis_rejection`
+        `"drop"`), so the update's ratio statistics are over the kept tokens only."""
+        return self.correction.has_rollout_weight and self.mis_rejection == "drop"
+
+    @property
     def mis_bounds(self) -> tuple[float | None, float | None]:
         """`(low, high)` of the MIS / TIS weight: the explicit bounds, else `[1/C, C]` (MIS) or `C` (TIS)."""
         if self.mis_threshold_low is None and self.mis_threshold_high is None:

@@ -144,17 +144,19 @@ def log_sigma(metrics, per_layer: dict[int, float]) -> None:
         metrics[f"alp/sigma/layer_{layer:02d}"].append(value)
 
 
-def log_unperturbed_ratio(accelerator, metrics, logps: torch.Tensor, rollout_logps: torch.Tensor, mask) -> None:
-    """Under ALP, the ratio the policy itself (no noise) has to the rollout, beside the perturbed one it optimises:
-    `alp/unperturbed_ratio/{p50,p99,max}`, `alp/unperturbed_log_ratio_abs_max` and `alp/unperturbed_train_rollout_kl`
-    (k3 estimate of KL(rollout || policy) on the rollout tokens)."""
+def log_rollout_ratio(accelerator, metrics, prefix: str, logps: torch.Tensor, rollout_logps: torch.Tensor, mask):
+    """The ratio of `logps` to the rollout over `mask`, logged under `prefix`: `{prefix}ratio/{p50,p99,max}`,
+    `{prefix}log_ratio_abs_max` and `{prefix}train_rollout_kl` (k3 estimate of KL(rollout || policy) on the rollout
+    tokens). Two uses: under ALP, the policy itself without the noise (`alp/unperturbed_`, `log_unperturbed_ratio`);
+    under a MIS rejection that drops tokens from the loss, the policy over every scored token, the dropped ones
+    included (`alp/all_tokens_`), since the update's own statistics see only the tokens the rejection kept."""
     stats = ratio_statistics(logps.detach() - rollout_logps, mask)
     named = {
-        "alp/unperturbed_ratio/p50": (stats["ratio_p50"], "mean"),
-        "alp/unperturbed_ratio/p99": (stats["ratio_p99"], "mean"),
-        "alp/unperturbed_ratio/max": (stats["ratio_max"], "max"),
-        "alp/unperturbed_log_ratio_abs_max": (stats["log_ratio_abs_max"], "max"),
-        "alp/unperturbed_train_rollout_kl": (stats["kl_k3"], "mean"),
+        f"{prefix}ratio/p50": (stats["ratio_p50"], "mean"),
+        f"{prefix}ratio/p99": (stats["ratio_p99"], "mean"),
+        f"{prefix}ratio/max": (stats["ratio_max"], "max"),
+        f"{prefix}log_ratio_abs_max": (stats["log_ratio_abs_max"], "max"),
+        f"{prefix}train_rollout_kl": (stats["kl_k3"], "mean"),
     }
     for name, value in reduce_named_scalars(accelerator, named).items():
         metrics[name].append(value)

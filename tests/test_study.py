@@ -259,6 +259,11 @@ def test_ratio_trend_compares_the_first_and_last_quarter_of_the_logged_steps():
     # under ALP the policy's own (unperturbed) ratio decides, not the noise draw's
     alp = [{**r, "alp/unperturbed_log_ratio_abs_max": 1.0, "alp/unperturbed_train_rollout_kl": 0.01} for r in history]
     assert study.summarize_training(alp, limits)["blowup_step"] is None
+    # under a MIS rejection that drops tokens the update saw the kept tokens only: the ratio over all of them decides
+    mis = [{**r, "alp/log_ratio_abs_max": 1.0, "alp/all_tokens_log_ratio_abs_max": 1.0} for r in history]
+    mis = [{**r, "alp/all_tokens_train_rollout_kl": 0.9 if r["step"] == 8 else 0.01} for r in mis]
+    summary = study.summarize_training(mis, limits)
+    assert summary["blowup_step"] == 8 and summary["all_tokens_kl_growth"] == pytest.approx((0.9 + 0.01) / 2 / 0.01)
 
 
 def test_bad_grid_is_refused_naming_the_key(tmp_path, capsys):

@@ -533,6 +533,37 @@ def test_unperturbed_ratio_is_logged_beside_the_perturbed_one(make_model, tokeni
     assert "alp/unperturbed_train_rollout_kl" not in plain.state.log_history[0]  # opt-in
 
 
+def test_mis_logs_the_ratio_over_the_tokens_its_rejection_dropped(make_model, tokenizer, prompt_dataset, train_args):
+    """Seq-MIS with `mis_rejection="drop"`: the update's ratio statistics see only the sequences it kept, so a
+    rejection of every sequence logs a train-rollout KL of 0 while the policy is far from the engine (logit noise).
+    `alp/all_tokens_*` is the ratio over every scored token: on the first step (no update yet) it equals the engine's
+    measured distance from the policy over the whole generation batch (`rollout_mismatch/*`), and a run that keeps
+    every sequence logs the same as its ordinary statistics."""
+    base = {**train_args, "max_steps": 1, "off_policy_correction": "seq_mis"}
+    base.update(rollout_mismatch="logit_noise", rollout_mismatch_std=1.0)
+    kept, rejected = (
+        build_trainer(make_model(), tokenizer, prompt_dataset, ALPConfig(**base, mis_threshold=c))
+        for c in (1e30, 1.0 + 1e-6)
+    )
+    kept.train()
+    rejected.train()
+    everything, nothing = kept.state.log_history[0], rejected.state.log_history[0]
+    assert everything["alp/mis_masked_frac"] == 0.0 and nothing["alp/mis_masked_frac"] == 1.0
+    assert nothing["alp/train_rollout_kl"] == 0.0 and everything["alp/train_rollout_kl"] > 0.05
+    for logged in (everything, nothing):
+        assert logged["alp/all_tokens_train_rollout_kl"] == pytest.approx(logged["rollout_mismatch/kl_k3"], rel=1e-4)
+        assert logged["alp/all_tokens_log_ratio_abs_max"] == pytest.approx(
+            logged["rollout_mismatch/logp_abs_diff_max"], rel=1e-4
+        )
+    for key in ("train_rollout_kl", "log_ratio_abs_max", "ratio/p99"):
+        assert everything[f"alp/all_tokens_{key}"] == pytest.approx(everything[f"alp/{key}"], rel=1e-5), key
+    bypass = build_trainer(
+        make_model(), tokenizer, prompt_dataset, ALPConfig(**{**base, "off_policy_correction": "bypass"})
+    )
+    bypass.train()
+    assert "alp/all_tokens_train_rollout_kl" not in bypass.state.log_history[0]  # nothing is dropped: not logged
+
+
 @pytest.mark.parametrize("level", ["token", "sequence"])
 @pytest.mark.parametrize("shape", ["scalar", "channel"])
 def test_sigma_gradient_matches_a_central_finite_difference(

@@ -12,7 +12,7 @@ from .figures import figure_file, figure_link, plot_intervention, plot_training
 from .grid import BASE_MODEL, config_id, engine_id, slug
 from .intervention_units import bypass_point_at_lr, matched_bypass
 from .significance import fisher_exact_fewer
-from .training_units import training_summaries
+from .training_units import OWN_RATIO_SERIES, training_summaries
 
 
 def mean_std(values: list[float]) -> str:
@@ -354,15 +354,16 @@ def _trend_table(train: list[dict], summaries: dict) -> list[str]:
     return [
         "The ratio over training (the paper's Figure 1 asks whether its tail grows): per run, the mean over the first "
         "quarter of the logged steps -> the mean over the last quarter, and the growth (last / first), of the largest "
-        "|log ratio| of a step and of the train-rollout KL; under ALP, for the perturbed policy it trains with and, "
-        "where logged (`log_unperturbed_ratio`), for the policy itself; the spike steps in the second half of the run "
-        "(thresholds above), the steps whose largest |log ratio| was not finite (left out of the means), and the first "
-        "step where the policy's own ratio blew up (train-rollout KL above the experiment's `blowup_kl` or largest "
-        "|log ratio| above its `blowup_log_ratio`, where it declares them; under ALP its unperturbed policy's where "
-        "logged).",
+        "|log ratio| of a step and of the train-rollout KL, as the update saw them (under ALP the perturbed policy it "
+        "trains with; under a MIS rejection that drops tokens, the kept tokens only) and, where logged, of the "
+        "policy's own ratio over every scored token (under ALP without the noise, `log_unperturbed_ratio`; under MIS "
+        "the rejected tokens included); the spike steps in the second half of the run (thresholds above), the steps "
+        "whose largest |log ratio| was not finite (left out of the means), and the first step where the policy's own "
+        "ratio blew up (train-rollout KL above the experiment's `blowup_kl` or largest |log ratio| above its "
+        "`blowup_log_ratio`, where it declares them; the policy's own ratio where logged).",
         "",
-        "| experiment | method | seed | max abs log ratio | growth | train-rollout KL | growth | unperturbed: max abs "
-        "log ratio | growth | unperturbed: KL | growth | spike steps, second half | non-finite ratio steps | "
+        "| experiment | method | seed | max abs log ratio | growth | train-rollout KL | growth | policy's own: max abs "
+        "log ratio | growth | policy's own: KL | growth | spike steps, second half | non-finite ratio steps | "
         "first blow-up step |",
         "|---|---|---:|---|---:|---|---:|---|---:|---|---:|---:|---:|---:|",
         *(_trend_row(record, summaries[id(record)]) for record in runs),
@@ -373,7 +374,8 @@ def _trend_table(train: list[dict], summaries: dict) -> list[str]:
 def _trend_row(record: dict, summary: dict) -> str:
     unit = record["unit"]
     cells = []
-    for name in ("tail", "kl", "unperturbed_tail", "unperturbed_kl"):
+    own = next((n for n in OWN_RATIO_SERIES if f"{n}_tail_early" in summary), OWN_RATIO_SERIES[0])
+    for name in ("tail", "kl", f"{own}_tail", f"{own}_kl"):
         if f"{name}_early" not in summary:
             cells += ["n/a", "n/a"]
             continue

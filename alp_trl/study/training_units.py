@@ -103,14 +103,16 @@ def declares_blowup(experiment: dict) -> bool:
 def blowup_step(history: list[dict], experiment: dict) -> int | None:
     """The first step where the policy's own ratio to the rollout blew up: its train-rollout KL above the experiment's
     `blowup_kl` or its largest |log ratio| above `blowup_log_ratio`, or either not finite; under ALP the unperturbed
-    policy's (`log_unperturbed_ratio`) where logged, so that the noise draw itself is not counted. `None` when no step
-    did, or the experiment declares neither threshold (a blow-up is relative to the engine's own mismatch)."""
+    policy's (`log_unperturbed_ratio`) where logged, so that the noise draw itself is not counted; under a MIS
+    rejection that drops tokens, over every scored token (`alp/all_tokens_*`) where logged, so that the tokens the
+    rejection removed still count. `None` when no step did, or the experiment declares neither threshold (a blow-up is
+    relative to the engine's own mismatch)."""
     if not declares_blowup(experiment):
         return None
     kl_limit, tail_limit = experiment.get("blowup_kl", math.inf), experiment.get("blowup_log_ratio", math.inf)
-    own = any("alp/unperturbed_train_rollout_kl" in r for r in history)
-    kl_key = "alp/unperturbed_train_rollout_kl" if own else "alp/train_rollout_kl"
-    tail_key = "alp/unperturbed_log_ratio_abs_max" if own else "alp/log_ratio_abs_max"
+    own = next((n for n in OWN_RATIO_SERIES if any(f"alp/{n}_train_rollout_kl" in r for r in history)), None)
+    prefix = "alp/" if own is None else f"alp/{own}_"
+    kl_key, tail_key = f"{prefix}train_rollout_kl", f"{prefix}log_ratio_abs_max"
     for record in history:
         for key, limit in ((kl_key, kl_limit), (tail_key, tail_limit)):
             value = record.get(key)
@@ -119,11 +121,17 @@ def blowup_step(history: list[dict], experiment: dict) -> int | None:
     return None
 
 
+# Where a run logged them (`alp/<name>_train_rollout_kl`, ...), the statistics of the policy's own ratio over every
+# scored token: ALP's unperturbed policy (`log_unperturbed_ratio`), a MIS rejection's tokens before it dropped any.
+OWN_RATIO_SERIES = ("unperturbed", "all_tokens")
+
 TREND_SERIES = {  # the summary's name: the logged metric whose first and last quarter of steps are compared
     "tail": "alp/log_ratio_abs_max",
     "kl": "alp/train_rollout_kl",
     "unperturbed_tail": "alp/unperturbed_log_ratio_abs_max",
     "unperturbed_kl": "alp/unperturbed_train_rollout_kl",
+    "all_tokens_tail": "alp/all_tokens_log_ratio_abs_max",
+    "all_tokens_kl": "alp/all_tokens_train_rollout_kl",
 }
 
 
