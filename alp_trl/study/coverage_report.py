@@ -208,7 +208,14 @@ def coverage_section(records: list[dict], experiments: dict, images: str, comman
     lines += ["", *overall_verdict(verdicts(rows, positive), planned, positive)]
     image = figure_file(images, "kl")
     if plot_coverage(rows, image):
-        lines += ["", f"![coverage]({figure_link(image)})"]
+        lines += [
+            "",
+            f"![coverage]({figure_link(image)})",
+            "",
+            "The figure: per checkpoint (row) and engine (column), how much farther from the engine each of the averaged "
+            "policy, the temperature control and one draw is than the policy, as a share of the policy's KL "
+            "(mean ± std over seeds; below 0: closer; symlog axis), against sigma in units of the engine's scale.",
+        ]
     lines += [
         "",
         "Per setting (mean ± std over seeds; KL(inference || X) per token, k1; 'averaged - policy' and "

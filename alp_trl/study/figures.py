@@ -1,5 +1,6 @@
 """The figures of a study's report: the one-step intervention per engine, and the training curves of an experiment."""
 
+import itertools
 import os
 import statistics
 
@@ -115,38 +116,53 @@ def plot_training(records: list[dict], path: str) -> bool:
     return True
 
 
+def coverage_excess(seeds: list[dict], name: str) -> tuple[float, float]:
+    """How much farther `name` is from the engine than the unperturbed policy, relative to the policy's distance:
+    (KL(engine || name) - KL(engine || policy)) / the mean over seeds of KL(engine || policy), as mean and std over
+    the seeds (std 0 for one seed). Below 0: closer to the engine than the policy. Normalised by the mean rather than
+    seed by seed, because a seed's k1 estimate of a small KL can be near 0 or negative."""
+    scale = abs(statistics.mean(s["kl_unperturbed"] for s in seeds)) or 1e-12
+    excess = [(s[f"kl_{name}"] - s["kl_unperturbed"]) / scale for s in seeds]
+    return statistics.mean(excess), statistics.stdev(excess) if len(excess) > 1 else 0.0
+
+
 def plot_coverage(rows: list[dict], path: str) -> bool:
-    """One panel per (checkpoint, engine): KL(inference || X) relative to the unperturbed policy's, against the sigma
+    """A grid of panels, one row per checkpoint and one column per engine: `coverage_excess` against the sigma
     multiplier, for the averaged policy, the temperature control and one draw, per noise scale (mean ± std over
-    seeds; below 1: closer to the engine than the policy)."""
+    seeds; below 0: closer to the engine than the policy)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = sorted({row["key"][1:3] for row in rows})
-    if not panels:
+    checkpoints = sorted({row["key"][1] for row in rows})
+    engines = sorted({row["key"][2] for row in rows})
+    if not rows:
         return False
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False, constrained_layout=True)
+    fig, axes = plt.subplots(
+        len(checkpoints),
+        len(engines),
+        figsize=(4 * len(engines), 3.5 * len(checkpoints)),
+        squeeze=False,
+        constrained_layout=True,
+    )
     styles = {"averaged": "-", "temperature": ":", "one_draw": "--"}
     colors = {"absolute": "tab:blue", "rms": "tab:orange"}
-    for ax, (checkpoint, engine) in zip(axes[0], panels):
+    for (i, checkpoint), (j, engine) in itertools.product(enumerate(checkpoints), enumerate(engines)):
+        ax = axes[i][j]
+        ax.set_title(f"{checkpoint}: {engine}", fontsize=9)
         for noise in ("absolute", "rms"):
             selected = sorted(
                 (r for r in rows if r["key"][1:4] == (checkpoint, engine, noise)), key=lambda r: r["key"][4]
             )
-            if not selected:
-                continue
             for name, style in styles.items():
-                means, errors = [], []
-                for row in selected:
-                    ratios = [s[f"kl_{name}"] / max(s["kl_unperturbed"], 1e-12) for s in row["seeds"]]
-                    means.append(statistics.mean(ratios))
-                    errors.append(statistics.stdev(ratios) if len(ratios) > 1 else 0.0)
+                if not selected:
+                    continue
+                points = [coverage_excess(row["seeds"], name) for row in selected]
                 ax.errorbar(
                     [r["key"][4] for r in selected],
-                    means,
-                    yerr=errors,
+                    [mean for mean, _ in points],
+                    yerr=[std for _, std in points],
                     linestyle=style,
                     color=colors[noise],
                     marker="o",
@@ -154,15 +170,16 @@ def plot_coverage(rows: list[dict], path: str) -> bool:
                     capsize=2,
                     label=f"{name} ({noise})",
                 )
-        ax.axhline(1.0, color="k", lw=0.8)
+        ax.axhline(0.0, color="k", lw=0.8)
         ax.set_xscale("log", base=2)
-        ax.set_yscale("log")  # one draw is far above 1; the averaged policy and the control sit near it
-        ax.set_xlabel("sigma / engine scale")
-        ax.set_ylabel("KL(engine || X) / KL(engine || policy)")
-        ax.set_title(f"{checkpoint}: {engine}")
+        ax.set_yscale("symlog", linthresh=1.0)  # one draw is far above 0; the averaged policy and the control near it
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if i == len(checkpoints) - 1:
+            ax.set_xlabel("sigma / engine scale")
+        if j == 0:
+            ax.set_ylabel("(KL(engine||X) - KL(engine||policy))\n/ KL(engine||policy)", fontsize=8)
+    axes[0][0].legend(fontsize=7)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
