@@ -4,6 +4,8 @@ import itertools
 import os
 import statistics
 
+from .training_units import own_ratio_keys
+
 
 def figure_file(images: str, name: str) -> str:
     """The file of a report's figure `name`: `<images>_<name>.png` (`images`: the images folder joined with the
@@ -71,17 +73,21 @@ def plot_intervention(rows: list[dict], path: str) -> bool:
     return True
 
 
+# The training figure's panels: (what is drawn, title, the experiment's blow-up limit drawn on it). "own_kl" and
+# "own_tail" are the policy's own ratio to the rollout over every scored token (`own_ratio_keys`: under ALP without
+# the noise, under MIS the rejected tokens included), the quantities the blow-up endpoint judges.
 TRAINING_PANELS = (
-    ("reward", "reward"),
-    ("alp/train_rollout_kl", "train-rollout KL (k3)"),
-    ("alp/log_ratio_abs_max", "largest |log ratio| of a step"),
-    ("grad_norm", "grad norm"),
-    ("entropy", "entropy"),
+    ("reward", "reward", None),
+    ("own_kl", "policy's own train-rollout KL (k3)", "blowup_kl"),
+    ("own_tail", "policy's own largest |log ratio| of a step", "blowup_log_ratio"),
+    ("grad_norm", "grad norm", None),
+    ("entropy", "entropy", None),
 )
 
 
-def plot_training(records: list[dict], path: str) -> bool:
-    """One panel per measure, one colour per method: every seed as a thin line, the mean over seeds thick."""
+def plot_training(records: list[dict], path: str, limits: dict | None = None) -> bool:
+    """One panel per measure, one colour per method: every seed as a thin line, the mean over seeds thick; the
+    experiment's blow-up limits (`limits`: `blowup_kl`, `blowup_log_ratio`) as dashed lines where it declares them."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -100,20 +106,30 @@ def plot_training(records: list[dict], path: str) -> bool:
     for index, method in enumerate(methods):
         color = colors(index % 10)
         histories = [r["result"]["history"] for r in runs if r["unit"]["method"] == method]
-        for ax, (key, title) in zip(axes, TRAINING_PANELS):
-            curves = [dict(zip(*metric_series(history, key))) for history in histories]
+        for ax, (panel, title, _) in zip(axes, TRAINING_PANELS):
+            curves = [dict(zip(*metric_series(history, _panel_key(panel, history)))) for history in histories]
             for curve in curves:
                 ax.plot(list(curve), list(curve.values()), color=color, lw=0.6, alpha=0.35)
             steps = sorted(set().union(*curves))
             means = [statistics.mean(c[step] for c in curves if step in c) for step in steps]
             ax.plot(steps, means, color=color, lw=2, label=method if ax is axes[0] else None)
-            ax.set_title(title)
+            ax.set_title(title, fontsize=9)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
+    for ax, (_, _, limit) in zip(axes, TRAINING_PANELS):
+        if limit in (limits or {}):
+            ax.axhline(limits[limit], color="k", ls="--", lw=0.8, label=f"{limit} {limits[limit]:g}")
+            ax.legend(fontsize=7)
     axes[0].legend(fontsize=7)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def _panel_key(panel: str, history: list[dict]) -> str:
+    """The logged metric a training panel draws for one run."""
+    kl_key, tail_key = own_ratio_keys(history)
+    return {"own_kl": kl_key, "own_tail": tail_key}.get(panel, panel)
 
 
 def coverage_excess(seeds: list[dict], name: str) -> tuple[float, float]:

@@ -110,9 +110,7 @@ def blowup_step(history: list[dict], experiment: dict) -> int | None:
     if not declares_blowup(experiment):
         return None
     kl_limit, tail_limit = experiment.get("blowup_kl", math.inf), experiment.get("blowup_log_ratio", math.inf)
-    own = next((n for n in OWN_RATIO_SERIES if any(f"alp/{n}_train_rollout_kl" in r for r in history)), None)
-    prefix = "alp/" if own is None else f"alp/{own}_"
-    kl_key, tail_key = f"{prefix}train_rollout_kl", f"{prefix}log_ratio_abs_max"
+    kl_key, tail_key = own_ratio_keys(history)
     for record in history:
         for key, limit in ((kl_key, kl_limit), (tail_key, tail_limit)):
             value = record.get(key)
@@ -124,6 +122,15 @@ def blowup_step(history: list[dict], experiment: dict) -> int | None:
 # Where a run logged them (`alp/<name>_train_rollout_kl`, ...), the statistics of the policy's own ratio over every
 # scored token: ALP's unperturbed policy (`log_unperturbed_ratio`), a MIS rejection's tokens before it dropped any.
 OWN_RATIO_SERIES = ("unperturbed", "all_tokens")
+
+
+def own_ratio_keys(history: list[dict]) -> tuple[str, str]:
+    """The logged metrics of the policy's own ratio to the rollout over every scored token, `(train-rollout KL,
+    largest |log ratio|)`: the first of `OWN_RATIO_SERIES` the run logged, else the update's own statistics."""
+    own = next((n for n in OWN_RATIO_SERIES if any(f"alp/{n}_train_rollout_kl" in r for r in history)), None)
+    prefix = "alp/" if own is None else f"alp/{own}_"
+    return f"{prefix}train_rollout_kl", f"{prefix}log_ratio_abs_max"
+
 
 TREND_SERIES = {  # the summary's name: the logged metric whose first and last quarter of steps are compared
     "tail": "alp/log_ratio_abs_max",
