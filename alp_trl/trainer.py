@@ -409,13 +409,13 @@ class ALPGRPOTrainer(GRPOTrainer):
         survival = self.perturbation.survival_per_layer() if self.perturbation is not None and mode == "train" else {}
         metrics = self._metrics[mode]
         log_policy_update(self.accelerator, metrics, args, per_token_logps, loss, entropies, survival)
-        rollout = inputs["sampling_per_token_logps"]  # as the engine gave them: its NaN tokens are left out below
-        scored = mask * ~torch.isnan(rollout)
-        if args.rejection_drops_tokens:  # the statistics above saw only the kept tokens: the policy's, over all
-            log_rollout_ratio(
-                self.accelerator, metrics, "alp/all_tokens_", per_token_logps, rollout.nan_to_num(0.0), scored
-            )
-        if args.log_unperturbed_ratio and self.perturbation is not None and mode == "train":
+        unperturbed_logged = args.log_unperturbed_ratio and self.perturbation is not None and mode == "train"
+        if args.rejection_drops_tokens or unperturbed_logged:  # the policy's own ratio over every scored token
+            engine_logps = inputs["sampling_per_token_logps"]  # as the engine gave them: its NaN tokens left out
+            scored, rollout = mask * ~torch.isnan(engine_logps), engine_logps.nan_to_num(0.0)
+        if args.rejection_drops_tokens:  # the statistics above saw only the kept tokens
+            log_rollout_ratio(self.accelerator, metrics, "alp/all_tokens_", per_token_logps, rollout, scored)
+        if unperturbed_logged:
             with torch.no_grad():  # the same forward without the noise (a collective under ZeRO-3: every rank runs it)
                 unperturbed, _, _ = self._get_per_token_logps_and_entropies(
                     model,
@@ -424,9 +424,7 @@ class ALPGRPOTrainer(GRPOTrainer):
                     completion_ids.size(1),
                     **{k: inputs.get(k) for k in _FORWARD_KWARG_KEYS},
                 )
-            log_rollout_ratio(
-                self.accelerator, metrics, "alp/unperturbed_", unperturbed, rollout.nan_to_num(0.0), scored
-            )
+            log_rollout_ratio(self.accelerator, metrics, "alp/unperturbed_", unperturbed, rollout, scored)
         if self.perturbation is not None:
             self._last_sigma_per_layer = self.perturbation.sigma_per_layer()  # every rank: under ZeRO-3 a gather
             log_sigma(metrics, self._last_sigma_per_layer)

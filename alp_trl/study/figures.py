@@ -85,9 +85,9 @@ TRAINING_PANELS = (
 )
 
 
-def plot_training(records: list[dict], path: str, limits: dict | None = None) -> bool:
+def plot_training(records: list[dict], path: str, experiment: dict | None = None) -> bool:
     """One panel per measure, one colour per method: every seed as a thin line, the mean over seeds thick; the
-    experiment's blow-up limits (`limits`: `blowup_kl`, `blowup_log_ratio`) as dashed lines where it declares them."""
+    experiment's blow-up limits (`blowup_kl`, `blowup_log_ratio`) as dashed lines where it declares them."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -117,8 +117,8 @@ def plot_training(records: list[dict], path: str, limits: dict | None = None) ->
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
     for ax, (_, _, limit) in zip(axes, TRAINING_PANELS):
-        if limit in (limits or {}):
-            ax.axhline(limits[limit], color="k", ls="--", lw=0.8, label=f"{limit} {limits[limit]:g}")
+        if limit in (experiment or {}):
+            ax.axhline(experiment[limit], color="k", ls="--", lw=0.8, label=f"{limit} {experiment[limit]:g}")
             ax.legend(fontsize=7)
     axes[0].legend(fontsize=7)
     fig.savefig(path, dpi=110)
@@ -171,9 +171,9 @@ def plot_coverage(rows: list[dict], path: str) -> bool:
             selected = sorted(
                 (r for r in rows if r["key"][1:4] == (checkpoint, engine, noise)), key=lambda r: r["key"][4]
             )
+            if not selected:
+                continue
             for name, style in styles.items():
-                if not selected:
-                    continue
                 points = [coverage_excess(row["seeds"], name) for row in selected]
                 ax.errorbar(
                     [r["key"][4] for r in selected],

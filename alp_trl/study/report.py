@@ -240,9 +240,7 @@ def _training_section(records: list[dict], grid: dict, images: str) -> list[str]
 def _experiment_table(name: str, experiment: dict, runs: list[dict], summaries: dict, images: str) -> list[str]:
     """One training experiment: its figure and one row per method (the untrained model first, when evaluated)."""
     image = figure_file(images, slug(name))
-    drawn = plot_training(
-        runs, image, {k: experiment[k] for k in ("blowup_kl", "blowup_log_ratio") if k in experiment}
-    )
+    drawn = plot_training(runs, image, experiment)
     lines = [
         f"### {name}",
         "",

@@ -135,10 +135,8 @@ def own_ratio_keys(history: list[dict]) -> tuple[str, str]:
 TREND_SERIES = {  # the summary's name: the logged metric whose first and last quarter of steps are compared
     "tail": "alp/log_ratio_abs_max",
     "kl": "alp/train_rollout_kl",
-    "unperturbed_tail": "alp/unperturbed_log_ratio_abs_max",
-    "unperturbed_kl": "alp/unperturbed_train_rollout_kl",
-    "all_tokens_tail": "alp/all_tokens_log_ratio_abs_max",
-    "all_tokens_kl": "alp/all_tokens_train_rollout_kl",
+    **{f"{name}_tail": f"alp/{name}_log_ratio_abs_max" for name in OWN_RATIO_SERIES},
+    **{f"{name}_kl": f"alp/{name}_train_rollout_kl" for name in OWN_RATIO_SERIES},
 }
 
 
