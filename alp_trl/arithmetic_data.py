@@ -59,6 +59,8 @@ def make_problem(rng: random.Random, level: str) -> dict:
 
 
 TEST_SHARE = 0.2  # the share of the expression space that belongs to the test split
+SHIPPED_MIX = {"easy": 0.5, "medium": 0.35, "hard": 0.15}  # the level mix of the shipped files
+SHIPPED_SEEDS = {"train": 0, "test": 1}
 
 
 def canonical_expression(expr: str) -> str:
@@ -109,9 +111,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    mix = {"easy": 0.5, "medium": 0.35, "hard": 0.15}
-    for split, rows, seed in (("train", args.train_rows, 0), ("test", args.test_rows, 1)):
-        data = generate(rows, seed, mix, split)
+    for split, rows in (("train", args.train_rows), ("test", args.test_rows)):
+        data = generate(rows, SHIPPED_SEEDS[split], SHIPPED_MIX, split)
         with open(out / f"{split}.jsonl", "w") as f:
             for row in data:
                 f.write(json.dumps(row) + "\n")

@@ -95,6 +95,8 @@ def test_push_uploads_weights_without_sigma_side_file_and_card(
     card = final["README.md"].decode()
     assert "## ALP settings" in card and "off_policy_correction: `alp`" in card and "sigma per layer" in card
     assert "## Recipe" in card
+    # TRL's part of the card, from ALPGRPOTrainer's _tag_names and _name
+    assert "- alp\n" in card and "ALP-GRPO" in card
     # the token is nowhere: not printed, not logged, not in any uploaded file (training_args.bin included)
     output = capsys.readouterr()
     assert SECRET not in output.out + output.err + caplog.text

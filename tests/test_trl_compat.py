@@ -6,6 +6,10 @@ import inspect
 import pytest
 from transformers import Trainer
 from trl import GRPOTrainer
+from trl.generation.vllm_client import VLLMClient
+from trl.generation.vllm_generation import VLLMGeneration
+
+from alp_trl.trainer import _FORWARD_KWARG_KEYS, ALPGRPOTrainer
 
 
 # method: the leading parameters (after self) the trainer relies on, in order
@@ -36,6 +40,13 @@ SIGNATURES = {
     (Trainer, "_save"): ["output_dir", "state_dict"],
     (Trainer, "_load_from_checkpoint"): ["resume_from_checkpoint", "model"],
     (Trainer, "_get_grad_norm"): ["model", "grad_norm"],
+    # alp_trl/vllm_weight_transfer.py: the file channel subclasses TRL's client (importable without vLLM)
+    (VLLMClient, "_post"): ["url"],
+    (VLLMClient, "_start_weight_update"): [],
+    (VLLMClient, "_finish_weight_update"): [],
+    (VLLMClient, "update_named_params"): ["metadata", "named_params"],
+    (VLLMClient, "init_communicator"): ["device"],
+    (VLLMClient, "close_communicator"): [],
 }
 
 
@@ -89,6 +100,24 @@ def test_private_method_signatures(owner, name):
             "self._entropy_bonus_enabled",
             "the entropy bonus reuses TRL's controller state",
         ),
+        (
+            GRPOTrainer,
+            "__init__",
+            "self.model.add_model_tags(self._tag_names)",
+            "ALPGRPOTrainer._tag_names adds the 'alp' tag to the model and its card",
+        ),
+        (
+            VLLMClient,
+            "weight_update",
+            "self._updating_weights = True",
+            "FileWeightSyncClient.update_named_params reads this flag to open and close a weight update only once",
+        ),
+        (
+            VLLMGeneration,
+            "sync_weights",
+            "self._llm_weights_sleeping",
+            "alp_trl.vllm_engine's _init_vllm override sets this flag, which TRL reads before a sync",
+        ),
     ],
 )
 def test_private_behaviour_the_trainer_relies_on(owner, name, fragment, why):
@@ -133,3 +162,22 @@ def test_vllm_backend_construction_matches_trls():
     assert "self._last_loaded_step = -1" in init
     for method in ("_iter_named_params", "sync_weights", "generate"):
         assert hasattr(VLLMGeneration, method), f"VLLMGeneration.{method} is gone: alp_trl/vllm_engine.py uses it"
+
+
+def test_forward_inputs_the_trainer_passes_are_all_trls():
+    """`_compute_loss` forwards `compute_aux_loss` and every key of `_FORWARD_KWARG_KEYS` to
+    `_get_per_token_logps_and_entropies`: a model input TRL adds (a new multimodal field) must be added there too, or
+    the perturbed forward would silently run without it."""
+    params = [p for p in inspect.signature(GRPOTrainer._get_per_token_logps_and_entropies).parameters if p != "self"]
+    assert set(params[6:]) == {"compute_aux_loss", *_FORWARD_KWARG_KEYS}, (
+        f"TRL's forward inputs are now {params[6:]}: update alp_trl/trainer.py's _FORWARD_KWARG_KEYS"
+    )
+
+
+def test_colocated_engine_override_signature_and_trainer_names():
+    assert [p for p in inspect.signature(VLLMGeneration._init_vllm).parameters if p != "self"] == [], (
+        "VLLMGeneration._init_vllm now takes arguments: update alp_trl/vllm_engine.py's override"
+    )
+    # TRL's model card reads these two class attributes (tests/test_hub.py checks the card shows them)
+    assert "_tag_names" in vars(GRPOTrainer) and isinstance(getattr(GRPOTrainer, "_name", None), str)
+    assert ALPGRPOTrainer._tag_names == [*GRPOTrainer._tag_names, "alp"]
