@@ -110,5 +110,5 @@ def test_compare_runs_the_new_modes_and_tabulates_every_method(tmp_path, tiny_ru
     rows = {line.split("|")[1].strip(): line for line in table[2:]}
     assert set(rows) == set(histories)
     assert "n/a" not in rows["Seq-TIS"].split("|")[5], "the train-rollout KL column is filled"
-    assert histories["Seq-TIS"][0]["alp/tis_truncated_frac"] >= 0.0
-    assert "rollout_mismatch/kl_k3" in histories["GRPO (TRL)"][0], "metrics-only mode of plain GRPO"
+    assert 0.0 <= histories["Seq-TIS"][0]["alp/tis_truncated_frac"] <= 1.0
+    assert histories["GRPO (TRL)"][0]["rollout_mismatch/kl_k3"] > 0, "metrics-only mode of plain GRPO measures it"

@@ -52,6 +52,45 @@ def test_rejected_tokens_leave_the_dapo_denominator_with_drop(
     torch.testing.assert_close(loss, (per_token * mask).sum() / expected_items, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize(
+    ("correction", "extra"),
+    [
+        ("tis", {"mis_threshold_high": 1.25}),
+        ("seq_mis", {"mis_threshold_low": 0.2, "mis_threshold_high": 5.0}),
+        ("token_mis", {"mis_threshold_low": 0.35, "mis_threshold_high": 2.0, "mis_veto_threshold": 0.45}),
+    ],
+)
+def test_correction_fractions_are_logged_by_value(
+    make_model, tokenizer, prompt_dataset, train_args, correction, extra
+):
+    """What the MIS / TIS weight did, counted by hand from the engine's log-probs: TIS's truncated tokens, Seq-MIS's
+    rejected sequences (product of the token ratios outside the bounds), the veto's sequences and the tokens the
+    bounds or the veto rejected."""
+    args = ALPConfig(**train_args, off_policy_correction=correction, **extra)
+    trainer = build_trainer(make_model(), tokenizer, prompt_dataset, args)
+    output = _engine_batch(trainer, prompt_dataset)
+    metrics = trainer._metrics["train"]
+    mask = output["completion_mask"].bool()
+    log_w = (output["old_per_token_logps"] - output["sampling_per_token_logps"]) * mask
+    w = torch.exp(log_w)
+    if correction == "tis":
+        truncated = (w > 1.25) & mask
+        assert 0 < truncated.sum() < mask.sum()
+        assert metrics["alp/tis_truncated_frac"] == [pytest.approx((truncated.sum() / mask.sum()).item())]
+        assert "alp/mis_masked_frac" not in metrics
+    elif correction == "seq_mis":
+        seq_w = torch.exp(log_w.sum(-1))
+        rejected = ((seq_w < 0.2) | (seq_w > 5.0)) & mask.any(-1)
+        assert 0 < rejected.sum() < mask.any(-1).sum()
+        assert metrics["alp/mis_masked_frac"] == [pytest.approx((rejected.sum() / mask.any(-1).sum()).item())]
+    else:
+        vetoed = ((w < 0.45) & mask).any(-1)
+        rejected = (((w < 0.35) | (w > 2.0)) | vetoed.unsqueeze(-1)) & mask
+        assert 0 < vetoed.sum() < mask.any(-1).sum()
+        assert metrics["alp/mis_veto_frac"] == [pytest.approx((vetoed.sum() / mask.any(-1).sum()).item())]
+        assert metrics["alp/mis_masked_frac"] == [pytest.approx((rejected.sum() / mask.sum()).item())]
+
+
 def _policy_logps(trainer, output):
     ids = torch.cat([output["prompt_ids"], output["completion_ids"]], 1)
     attention = torch.cat([output["prompt_mask"], output["completion_mask"]], 1)

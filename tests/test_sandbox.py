@@ -176,7 +176,7 @@ def test_an_output_flood_is_stopped_at_the_cap():
     its time limit, so the flood costs the caller one buffer."""
     code = "import os\nwhile True:\n    os.write(1, b'x' * 65536)\n    os.write(2, b'y' * 65536)"
     result = run_python(code, timeout=10)
-    assert result.status == "output_limit" and result.seconds < 3
+    assert result.status == "output_limit", "stopped at the cap, not by its time limit (status 'timeout')"
     assert len(result.output) == OUTPUT_LIMIT + len(TRUNCATION_MARKER)
 
 
@@ -246,9 +246,13 @@ def test_syntax_errors_non_utf8_output_and_empty_code():
 
 
 def test_batch_runs_concurrently():
-    results = run_python_batch(["import time\ntime.sleep(1)\nprint(1)"] * 4, timeout=5, max_workers=4)
+    """Each call reports when it started and ended (the monotonic clock is the host's inside the sandbox): every call
+    started before any had ended, so the four ran at the same time, however busy the machine."""
+    code = "import time\nstart = time.monotonic()\ntime.sleep(1)\nprint(start, time.monotonic())"
+    results = run_python_batch([code] * 4, timeout=10, max_workers=4)
     assert [r.status for r in results] == ["ok"] * 4
-    assert max(r.seconds for r in results) < 3.5
+    spans = [tuple(map(float, r.output.split())) for r in results]
+    assert max(start for start, _ in spans) < min(end for _, end in spans)
 
 
 def test_unavailable_sandbox_runs_nothing(monkeypatch):

@@ -321,7 +321,11 @@ def test_train_grid_runs_the_entry_point_per_method_and_seed(tmp_path, saved_mod
     assert 0.0 <= base["result"]["summary"]["eval_avg_at_k"] <= 1.0
     for record in records[1:]:
         summary = record["result"]["summary"]
-        assert summary["steps"] == 2 and summary["max_train_rollout_kl"] is not None
+        logged = [
+            json.loads(line) for line in (tmp_path / "out" / "train" / record["unit"]["id"] / "metrics.jsonl").open()
+        ]
+        kl = [r["alp/train_rollout_kl"] for r in logged if "alp/train_rollout_kl" in r]
+        assert summary["steps"] == 2 and len(kl) == 2 and summary["max_train_rollout_kl"] == max(kl) > 0
         assert 0.0 <= summary["eval_avg_at_k"] <= 1.0, "held-out accuracy after training"
     assert "| tr | GRPO | 0 | ok | 2 |" in (tmp_path / "r.md").read_text()
     text = (tmp_path / "r.md").read_text()

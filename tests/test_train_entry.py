@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from .helpers import accelerate_launch, write_tiny_recipe
 
@@ -92,8 +93,15 @@ def test_entry_point_trains_end_to_end_through_accelerate(tmp_path, tiny_run_ass
     assert [r["step"] for r in steps] == [1, 2]
     assert "rewards/accuracy/mean" in steps[0] and "rewards/length/mean" in steps[0]
     if not use_peft:
-        assert all("eval/avg@2" in r for r in steps), "in-training avg@k logged every step"
+        assert all(0 <= r["eval/avg@2"] <= r["eval/pass@2"] <= 1 for r in steps), "in-training avg@k every step"
     assert "ALP settings" in (out / "README.md").read_text()
+    # the run trained: the saved weights differ from the model it started from (LoRA: B left its zero init)
+    saved = load_file(str(out / weights))
+    if use_peft:
+        assert any(t.abs().sum() > 0 for name, t in saved.items() if "lora_B" in name)
+    else:
+        start = load_file(str(model_dir / "model.safetensors"))
+        assert any(not torch.equal(saved[name], start[name]) for name in start if name in saved)
 
 
 @pytest.mark.slow

@@ -87,7 +87,8 @@ def test_nan_engine_logprobs_are_neutralised_and_counted(
     filled = dict(output, sampling_per_token_logps=torch.where(torch.isnan(rollout), perturbed, rollout))
     torch.testing.assert_close(trainer._compute_loss(trainer.model, filled), loss, atol=1e-6, rtol=0)
     loss.backward()
-    assert all(torch.isfinite(p.grad).all() for p in trainer.model.parameters() if p.grad is not None)
+    grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
 
 
 @pytest.mark.parametrize("peft", [False, True])
@@ -105,7 +106,8 @@ def test_training_with_the_engine_updates_weights_sigma_and_the_engine(
     # step 2 synced the updated (for LoRA: merged) weights into the engine, still without sigma
     assert any(not torch.equal(engine_before[n], p) for n, p in engine.engine_model.named_parameters())
     assert not any(MODULE_NAME in name for name in engine.loaded_names)
-    assert "alp/ratio/p99" in trainer.state.log_history[0]
+    first = trainer.state.log_history[0]
+    assert first["alp/ratio/p99"] > 1 and first["alp/train_rollout_kl"] > 0, "the engine's noise shows in the ratio"
 
 
 def test_engine_that_dies_mid_run_stops_training_with_the_reason(make_model, tokenizer, prompt_dataset, train_args):

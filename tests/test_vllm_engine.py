@@ -49,6 +49,30 @@ def test_engine_options():
     assert engine_options("bfloat16", True, "cuda") == {"dtype": "bfloat16", "enforce_eager": True}
 
 
+def test_trls_engine_is_held_back_only_for_the_trainers_own_and_the_config_restored():
+    """`uses_own_engine`: only with use_vllm, on a CPU or with engine options; `vllm_built_after_init` hides use_vllm
+    from `GRPOTrainer.__init__` while active, and gives it back even when __init__ raises."""
+    from types import SimpleNamespace
+
+    from alp_trl.vllm_engine import uses_own_engine, vllm_built_after_init
+
+    def args(use_vllm, device, dtype="auto", eager=None):
+        return SimpleNamespace(
+            use_vllm=use_vllm, device=torch.device(device), vllm_dtype=dtype, vllm_enforce_eager=eager
+        )
+
+    assert not uses_own_engine(args(False, "cpu"))
+    assert uses_own_engine(args(True, "cpu"))
+    assert not uses_own_engine(args(True, "cuda")) and uses_own_engine(args(True, "cuda", dtype="bfloat16"))
+    config = args(True, "cpu")
+    with pytest.raises(RuntimeError, match="init failed"), vllm_built_after_init(config, active=True):
+        assert config.use_vllm is False
+        raise RuntimeError("init failed")
+    assert config.use_vllm is True
+    with vllm_built_after_init(config, active=False):
+        assert config.use_vllm is True
+
+
 def test_missing_vllm_is_refused_before_any_model_loads(tmp_path, monkeypatch):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real_find_spec(name))
