@@ -38,9 +38,13 @@ def test_an_unknown_command_exits_with_code_2_naming_it(capsys):
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))
-def test_every_command_names_a_module_with_a_main(command):
-    module = importlib.import_module(COMMANDS[command][0])
-    assert callable(module.main)
+def test_every_command_reaches_its_own_parser(command, capsys):
+    """`alp-trl COMMAND --help` is answered by the command's module (its usage names it under alp-trl), exit 0."""
+    assert callable(importlib.import_module(COMMANDS[command][0]).main)
+    with pytest.raises(SystemExit) as exited:
+        cli_main([command, "--help"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: alp-trl {command} [-h]")
 
 
 def test_cli_plot_command(tmp_path, capsys):
