@@ -255,6 +255,10 @@ def test_ratio_trend_compares_the_first_and_last_quarter_of_the_logged_steps():
     assert trend["blowup_step"] == 8  # the infinite tail; below the limits no step blows up
     assert study.summarize_training(history[:-1], limits)["blowup_step"] is None
     assert study.summarize_training(history[:-1], {"blowup_log_ratio": 7.5})["blowup_step"] == 7
+    # every step over the limit is counted: 3 (step 2), 8 (step 7) and the infinite tail (step 8) above 2.5
+    low = study.summarize_training(history, {"blowup_log_ratio": 2.5})
+    assert (low["blowup_step"], low["blowup_step_count"]) == (2, 3) and trend["blowup_step_count"] == 1
+    assert study.summarize_training(history, {})["blowup_step_count"] == 0
     assert study.summarize_training(history, {})["blowup_step"] is None, "no thresholds declared: not judged"
     # under ALP the policy's own (unperturbed) ratio decides, not the noise draw's
     alp = [{**r, "alp/unperturbed_log_ratio_abs_max": 1.0, "alp/unperturbed_train_rollout_kl": 0.01} for r in history]

@@ -360,12 +360,13 @@ def _trend_table(train: list[dict], summaries: dict) -> list[str]:
         "the rejected tokens included); the spike steps in the second half of the run (thresholds above), the steps "
         "whose largest |log ratio| was not finite (left out of the means), and the first step where the policy's own "
         "ratio blew up (train-rollout KL above the experiment's `blowup_kl` or largest |log ratio| above its "
-        "`blowup_log_ratio`, where it declares them; the policy's own ratio where logged).",
+        "`blowup_log_ratio`, where it declares them; the policy's own ratio where logged) and how many steps did "
+        "(descriptive: the endpoint counts runs).",
         "",
         "| experiment | method | seed | max abs log ratio | growth | train-rollout KL | growth | policy's own: max abs "
         "log ratio | growth | policy's own: KL | growth | spike steps, second half | non-finite ratio steps | "
-        "first blow-up step |",
-        "|---|---|---:|---|---:|---|---:|---|---:|---|---:|---:|---:|---:|",
+        "first blow-up step | blow-up steps |",
+        "|---|---|---:|---|---:|---|---:|---|---:|---|---:|---:|---:|---:|---:|",
         *(_trend_row(record, summaries[id(record)]) for record in runs),
         "",
     ]
@@ -386,9 +387,10 @@ def _trend_row(record: dict, summary: dict) -> str:
         ]
     cells += [str(summary.get("late_spike_steps", "n/a")), str(summary.get("tail_nonfinite", "n/a"))]
     if not summary.get("blowup_declared"):
-        cells.append("n/a")
+        cells += ["n/a", "n/a"]
     else:
         cells.append("none" if summary.get("blowup_step") is None else str(summary["blowup_step"]))
+        cells.append(str(summary.get("blowup_step_count", "n/a")))
     return f"| {unit['experiment']} | {unit['method']} | {unit['seed']} | " + " | ".join(cells) + " |"
 
 

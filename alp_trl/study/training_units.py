@@ -89,6 +89,7 @@ def summarize_training(history: list[dict], experiment: dict) -> dict:
         "nonfinite_steps": (steps[-1].get("train/nonfinite_steps") if steps else None),
         "late_spike_steps": sum(1 for r in spikes if r in steps[len(steps) // 2 :]) if steps else None,
         "blowup_step": blowup_step(history, experiment),
+        "blowup_step_count": len(blowup_steps(history, experiment)),
         "blowup_declared": declares_blowup(experiment),
         **ratio_trend(history),
     }
@@ -100,23 +101,29 @@ def declares_blowup(experiment: dict) -> bool:
     return "blowup_kl" in experiment or "blowup_log_ratio" in experiment
 
 
-def blowup_step(history: list[dict], experiment: dict) -> int | None:
-    """The first step where the policy's own ratio to the rollout blew up: its train-rollout KL above the experiment's
+def blowup_steps(history: list[dict], experiment: dict) -> list:
+    """Every step where the policy's own ratio to the rollout blew up: its train-rollout KL above the experiment's
     `blowup_kl` or its largest |log ratio| above `blowup_log_ratio`, or either not finite; under ALP the unperturbed
     policy's (`log_unperturbed_ratio`) where logged, so that the noise draw itself is not counted; under a MIS
     rejection that drops tokens, over every scored token (`alp/all_tokens_*`) where logged, so that the tokens the
-    rejection removed still count. `None` when no step did, or the experiment declares neither threshold (a blow-up is
+    rejection removed still count. Empty when no step did, or the experiment declares neither threshold (a blow-up is
     relative to the engine's own mismatch)."""
     if not declares_blowup(experiment):
-        return None
+        return []
     kl_limit, tail_limit = experiment.get("blowup_kl", math.inf), experiment.get("blowup_log_ratio", math.inf)
     kl_key, tail_key = own_ratio_keys(history)
-    for record in history:
-        for key, limit in ((kl_key, kl_limit), (tail_key, tail_limit)):
-            value = record.get(key)
-            if isinstance(value, (int, float)) and (not math.isfinite(value) or value > limit):
-                return record.get("step")
-    return None
+
+    def over(record, key, limit):
+        value = record.get(key)
+        return isinstance(value, (int, float)) and (not math.isfinite(value) or value > limit)
+
+    return [r.get("step") for r in history if over(r, kl_key, kl_limit) or over(r, tail_key, tail_limit)]
+
+
+def blowup_step(history: list[dict], experiment: dict) -> int | None:
+    """The first of `blowup_steps`, `None` when there is none (the primary endpoint of a blow-up comparison)."""
+    steps = blowup_steps(history, experiment)
+    return steps[0] if steps else None
 
 
 # Where a run logged them (`alp/<name>_train_rollout_kl`, ...), the statistics of the policy's own ratio over every
