@@ -68,6 +68,7 @@ def summarize_training(history: list[dict], experiment: dict) -> dict:
         kl = series("rollout_mismatch/kl_k3")
     spike_kl, spike_grad = experiment.get("spike_kl", 0.05), experiment.get("spike_grad_norm", 10.0)
     steps = [r for r in history if "grad_norm" in r]
+    blown = blowup_steps(history, experiment)
     spikes = [
         r
         for r in steps
@@ -88,8 +89,8 @@ def summarize_training(history: list[dict], experiment: dict) -> dict:
         "final_entropy": entropy[-1] if entropy else None,
         "nonfinite_steps": (steps[-1].get("train/nonfinite_steps") if steps else None),
         "late_spike_steps": sum(1 for r in spikes if r in steps[len(steps) // 2 :]) if steps else None,
-        "blowup_step": blowup_step(history, experiment),
-        "blowup_step_count": len(blowup_steps(history, experiment)),
+        "blowup_step": blown[0] if blown else None,  # the primary endpoint of a blow-up comparison
+        "blowup_step_count": len(blown),
         "blowup_declared": declares_blowup(experiment),
         **ratio_trend(history),
     }
@@ -118,12 +119,6 @@ def blowup_steps(history: list[dict], experiment: dict) -> list:
         return isinstance(value, (int, float)) and (not math.isfinite(value) or value > limit)
 
     return [r.get("step") for r in history if over(r, kl_key, kl_limit) or over(r, tail_key, tail_limit)]
-
-
-def blowup_step(history: list[dict], experiment: dict) -> int | None:
-    """The first of `blowup_steps`, `None` when there is none (the primary endpoint of a blow-up comparison)."""
-    steps = blowup_steps(history, experiment)
-    return steps[0] if steps else None
 
 
 # Where a run logged them (`alp/<name>_train_rollout_kl`, ...), the statistics of the policy's own ratio over every
