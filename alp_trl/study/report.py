@@ -258,7 +258,13 @@ def _experiment_table(name: str, experiment: dict, runs: list[dict], summaries: 
     has_base = any(r["unit"]["type"] == "eval_base" for r in runs)
     methods = [BASE_MODEL, *experiment["methods"]] if has_base else experiment["methods"]
     rows = [_method_row(method, runs, summaries) for method in methods]
-    return lines + rows + [""] + _blowup_tests(experiment, runs, summaries)
+    return (
+        lines
+        + rows
+        + [""]
+        + _blowup_tests(experiment, runs, summaries)
+        + _blowup_positions(experiment, runs, summaries)
+    )
 
 
 def _finished(method: str, runs: list[dict], summaries: dict) -> list[dict]:
@@ -317,6 +323,27 @@ def _blowup_tests(experiment: dict, runs: list[dict], summaries: dict) -> list[s
             f"- {method}: {blown} of {logged} against {bypass}'s {bypass_blown} of {bypass_logged}, p = {p:.3g}"
         )
     return lines + [""]
+
+
+def _blowup_positions(experiment: dict, runs: list[dict], summaries: dict) -> list[str]:
+    """Where on their generation batch the steps over the blow-up limits fell, each method's finished runs pooled
+    (descriptive: the endpoint counts runs). Nothing when no run has a step over the limits or batches are 1 step."""
+    pooled = {}
+    for method in experiment["methods"]:
+        positions = [s["blowup_positions"] for s in _finished(method, runs, summaries) if s.get("blowup_positions")]
+        if positions:
+            pooled[method] = [sum(column) for column in zip(*positions)]
+    if not any(sum(counts) for counts in pooled.values()):
+        return []
+    updates = len(next(iter(pooled.values())))
+    return [
+        f"Steps over the blow-up limits by their update on the generation batch ({updates} updates per batch; the "
+        "1st trains on rollouts the policy itself just sampled, so only the engine's mismatch separates them, the "
+        f"{updates}th on rollouts {updates - 1} updates old), every finished run of a method pooled (descriptive):",
+        "",
+        *(f"- {method}: {' / '.join(map(str, counts))}" for method, counts in pooled.items()),
+        "",
+    ]
 
 
 def _every_run_table(train: list[dict], summaries: dict) -> list[str]:

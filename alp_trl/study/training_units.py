@@ -91,6 +91,7 @@ def summarize_training(history: list[dict], experiment: dict) -> dict:
         "late_spike_steps": sum(1 for r in spikes if r in steps[len(steps) // 2 :]) if steps else None,
         "blowup_step": blown[0] if blown else None,  # the primary endpoint of a blow-up comparison
         "blowup_step_count": len(blown),
+        "blowup_positions": batch_positions(blown, updates_per_generation(experiment)),
         "blowup_declared": declares_blowup(experiment),
         **ratio_trend(history),
     }
@@ -119,6 +120,29 @@ def blowup_steps(history: list[dict], experiment: dict) -> list:
         return isinstance(value, (int, float)) and (not math.isfinite(value) or value > limit)
 
     return [r.get("step") for r in history if over(r, kl_key, kl_limit) or over(r, tail_key, tail_limit)]
+
+
+def updates_per_generation(experiment: dict) -> int | None:
+    """How many optimizer steps train on one generation batch, from the experiment's `overrides`: TRL samples anew
+    every `steps_per_generation * num_iterations` micro-steps, `gradient_accumulation_steps` to an optimizer step.
+    `None` when the experiment does not set `steps_per_generation` (TRL's default is one batch per step)."""
+    overrides = experiment.get("overrides", {})
+    if "steps_per_generation" not in overrides:
+        return None
+    micro_steps = overrides["steps_per_generation"] * overrides.get("num_iterations", 1)
+    return max(1, micro_steps // overrides.get("gradient_accumulation_steps", 1))
+
+
+def batch_positions(steps: list, updates: int | None) -> list[int] | None:
+    """How many of `steps` were the 1st, 2nd, ..., `updates`-th optimizer step on their generation batch (step 1 is
+    the first on the first batch). At the 1st the policy is the one that sampled, so only the engine's own mismatch
+    separates them; at the k-th it has moved k - 1 updates since. `None` with one update per batch or unknown."""
+    if not updates or updates < 2:
+        return None
+    counts = [0] * updates
+    for step in steps:
+        counts[(int(step) - 1) % updates] += 1
+    return counts
 
 
 # Where a run logged them (`alp/<name>_train_rollout_kl`, ...), the statistics of the policy's own ratio over every

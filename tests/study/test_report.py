@@ -122,6 +122,12 @@ def test_training_report_tests_blowups_against_bypass(tmp_path):
     calm = [record("Plain", s, 2.0) for s in range(3)] + records[3:]
     text = section(experiment, calm)
     assert "No Plain run blew up (3 judged)" in text and "p = " not in text
+    # where on their generation batch the steps over the limits fell (each run's is step 2): pooled per method
+    assert "by their update on the generation batch" not in section(experiment, records), "batches not declared"
+    batched = {**experiment, "overrides": {"steps_per_generation": 2}}
+    text = section(batched, records)
+    assert "(2 updates per batch;" in text and "- Plain: 0 / 3\n- ALP: 0 / 0\n- M: 0 / 2\n" in text
+    assert "by their update on the generation batch" not in section(batched, calm[3:6])
 
 
 def test_after_update_widths_and_share_of_reduction_by_hand():

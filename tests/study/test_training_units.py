@@ -138,3 +138,20 @@ def test_train_grid_runs_the_entry_point_per_method_and_seed(tmp_path, saved_mod
     assert "| tr | GRPO | 0 | ok | 2 |" in (tmp_path / "r.md").read_text()
     text = (tmp_path / "r.md").read_text()
     assert "held-out avg@k" in text and f"| {study.BASE_MODEL} | 1 |" in text
+
+
+def test_blowup_steps_are_placed_on_their_generation_batch_by_hand():
+    """4 updates per batch (steps_per_generation 4): steps 1, 5, 9 are the first update on fresh rollouts, 4 and 8
+    the fourth; with gradient accumulation 2 the 8 micro-steps of `num_iterations` 2 make 4 optimizer steps."""
+    from alp_trl.study.training_units import batch_positions, updates_per_generation
+
+    assert updates_per_generation({"overrides": {"steps_per_generation": 4}}) == 4
+    overrides = {"steps_per_generation": 4, "num_iterations": 2, "gradient_accumulation_steps": 2}
+    assert updates_per_generation({"overrides": overrides}) == 4
+    assert updates_per_generation({"overrides": {}}) is None and updates_per_generation({}) is None
+    assert batch_positions([4, 8, 5, 11, 180], 4) == [1, 0, 1, 3]  # 180 = 44 * 4: a fourth update
+    assert batch_positions([], 4) == [0, 0, 0, 0]
+    assert batch_positions([3], 1) is None and batch_positions([3], None) is None
+    history = [{"step": s, "alp/train_rollout_kl": 0.9 if s in (4, 7) else 0.01} for s in range(1, 9)]
+    experiment = {"blowup_kl": 0.5, "overrides": {"steps_per_generation": 4}}
+    assert study.summarize_training(history, experiment)["blowup_positions"] == [0, 0, 1, 1]
