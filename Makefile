@@ -93,7 +93,7 @@ bench-vllm: install-vllm
 study: install
 	$(PY) -m alp_trl.study --grid $(STUDY_GRID) --out $(STUDY_OUT) --report docs/evidence.md
 
-# The training pilots of issue 24 (docs/pilots.md): 200 steps against the real vLLM bf16 engine; hours on 2 CPU cores.
+# The training pilots of issue 24 (docs/pilots.md): 200 steps against the real vLLM bf16 engine; ~1 h on 2 CPU cores.
 pilots: install-vllm
 	$(PY) -m alp_trl.study --grid studies/pilots_cpu.yaml --out docs/pilots --report docs/pilots.md
 
@@ -107,7 +107,7 @@ figure2: install-vllm
 	$(PY) -m alp_trl.study --grid studies/figure2_cpu.yaml --out docs/figure2 --report docs/figure2.md
 
 # The paper's Figure 1 question (docs/figure1.md, issue 24): ALP vs Bypass vs Seq-MIS, 8 seeds, 200 steps against the
-# real vLLM bf16 engine; ~8 h on 2 CPU cores, resumable run by run.
+# real vLLM bf16 engine; ~10 h on 2 CPU cores, resumable run by run.
 figure1: install-vllm
 	$(PY) -m alp_trl.study --grid studies/figure1_cpu.yaml --out docs/figure1 --report docs/figure1.md
 

@@ -1,7 +1,9 @@
 """A simulated inference engine (the rollout-mismatch simulator): sample from a deliberately different copy of the policy, on CPU, without vLLM.
 
-On a GPU, vLLM's sampling policy differs from the trainer's even at identical weights (kernels, batching, precision):
-a mean per-token |log-prob difference| around 0.01, with occasional token-probability differences near 1. On CPU in
+On a GPU, vLLM's sampling policy is reported to differ from the trainer's even at identical weights (kernels,
+batching, precision): a mean per-token |log-prob difference| around 0.01, with occasional token-probability
+differences near 1 (reported figures, not measured here; vLLM's CPU build in bf16 against the fp32 trainer differs by
+a mean 0.033, max 0.39, docs/vllm.md). On CPU in
 fp32, transformers generation and the training forward agree to ~1e-6, so that mismatch has to be made on purpose.
 `simulated_sampler(model, kind, std)` turns the policy into such a sampler for the duration of `generate`:
 
@@ -10,9 +12,10 @@ fp32, transformers generation and the training forward agree to ~1e-6, so that m
 - `"bf16_activations"`: the whole forward in bf16, weights and activations (what a bf16 engine computes; rotary
   tables and the log-probs in float32). Single-process models only (not under FSDP / DeepSpeed);
 - `"logit_noise"`: Gaussian noise of std `std` added to the sampler's logits;
-- `"hidden_noise"`: Gaussian noise of std `std` added to the input hidden state of every decoder layer (note: the
-  same family as ALP's own perturbation, which therefore covers it by construction; prefer the other kinds when
-  comparing methods).
+- `"hidden_noise"`: Gaussian noise of std `std` added to the input hidden state of every decoder layer (the paper's
+  own mismatch model and the same family as ALP's perturbation: the positive control of the marginal-coverage test,
+  where on SmolLM2 the noise-averaged policy came closer to it at std 0.1 but not at 0.02, docs/coverage.md; prefer
+  the other kinds when comparing methods).
 
 The weights are restored bit-exactly when the context exits. The tokens are sampled from the modified policy and the
 recorded sampling log-probs are that policy's, so they become the rollout denominator, exactly as vLLM's would.

@@ -124,7 +124,7 @@ def _setup_section(results: dict, command: str) -> list[str]:
     machines = sorted({r.get("machine", "?") for r in done})
     seconds = sum(r.get("seconds", 0) for r in records)
     return [
-        f"# {grid.get('title', 'Evidence: what ALP does on this repository' + chr(39) + 's models')}",
+        f"# {grid.get('title', 'Study report')}",
         "",
         f"Reproduce: `{command}` (resumable; `make {grid.get('make_target', 'study')}`). Grid: `{results['grid_path']}`, model "
         f"`{grid['model']}`, seeds {grid['seeds']}{_own_seeds(grid)}. Machine(s): {'; '.join(machines) or 'n/a'}. "
