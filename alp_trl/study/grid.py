@@ -27,6 +27,8 @@ def load_grid(path: str) -> dict:
             raise ValueError(f"`experiments[{index}]` needs a `name`.")
         if kind == "train" and not experiment.get("methods"):
             raise ValueError(f"`experiments[{index}].methods` must name at least one method.")
+        if kind == "train" and "verdict" in experiment:
+            _check_verdict(experiment, index)
         if kind in ("coverage", "intervention"):
             _check_engines(experiment, index)
         if kind == "coverage":
@@ -43,6 +45,41 @@ def load_grid(path: str) -> dict:
                 "allowed values are ['adamw', 'sgd']."
             )
     return grid
+
+
+def declares_blowup(experiment: dict) -> bool:
+    """Whether the experiment judges blow-ups: it sets `blowup_kl` or `blowup_log_ratio` (a blow-up is relative to
+    the engine's own mismatch, so there is no default)."""
+    return "blowup_kl" in experiment or "blowup_log_ratio" in experiment
+
+
+def bypass_method(experiment: dict) -> str | None:
+    """A training experiment's Bypass method (`off_policy_correction: bypass`, its own or the experiment's
+    `overrides`), the control the others' blow-ups are compared against; `None` when it has none."""
+    shared = experiment.get("overrides", {})
+    for method, overrides in experiment["methods"].items():
+        if {**shared, **(overrides or {})}.get("off_policy_correction") == "bypass":
+            return method
+    return None
+
+
+def _check_verdict(experiment: dict, index: int) -> None:
+    """A training experiment's `verdict` rule: `method` (one of its methods, not the Bypass one) against its Bypass
+    method, `for_margin` and `runs` positive integers, and blow-up limits to judge the runs by."""
+    where, rule = f"`experiments[{index}].verdict`", experiment["verdict"]
+    if not isinstance(rule, dict) or set(rule) != {"method", "for_margin", "runs"}:
+        raise ValueError(f"{where} must have exactly the keys ['for_margin', 'method', 'runs'], got {rule!r}.")
+    bypass = bypass_method(experiment)
+    if bypass is None:
+        raise ValueError(f"{where} compares against a Bypass method: give one `off_policy_correction: bypass`.")
+    allowed = [m for m in experiment["methods"] if m != bypass]
+    if rule["method"] not in allowed:
+        raise ValueError(f"{where}.method got {rule['method']!r}; allowed values are {allowed}.")
+    for key in ("for_margin", "runs"):
+        if not isinstance(rule[key], int) or isinstance(rule[key], bool) or rule[key] < 1:
+            raise ValueError(f"{where}.{key} must be a positive integer, got {rule[key]!r}.")
+    if not declares_blowup(experiment):
+        raise ValueError(f"{where} needs blow-up limits: set `blowup_kl` and/or `blowup_log_ratio`.")
 
 
 def _check_engines(experiment: dict, index: int) -> None:

@@ -9,9 +9,9 @@ import statistics
 from .coverage_report import coverage_section
 from .envelope_report import envelope_section
 from .figures import figure_file, figure_link, plot_intervention, plot_training
-from .grid import BASE_MODEL, config_id, engine_id, slug
+from .grid import BASE_MODEL, bypass_method, config_id, engine_id, slug
 from .intervention_units import bypass_point_at_lr, matched_bypass
-from .significance import fisher_exact_fewer
+from .significance import blowup_verdict, fisher_exact_fewer, possible_verdicts
 from .training_units import OWN_RATIO_SERIES, training_summaries
 
 
@@ -263,6 +263,7 @@ def _experiment_table(name: str, experiment: dict, runs: list[dict], summaries: 
         + rows
         + [""]
         + _blowup_tests(experiment, runs, summaries)
+        + _blowup_verdict(experiment, runs, summaries)
         + _blowup_positions(experiment, runs, summaries)
     )
 
@@ -298,12 +299,38 @@ def _blowups(summaries: list[dict]) -> str:
     return f"{blown} of {logged}" if logged else "n/a"
 
 
+def _blowup_verdict(experiment: dict, runs: list[dict], summaries: dict) -> list[str]:
+    """The experiment's `verdict` rule (fixed before its runs) applied to the blow-up counts: the verdict once every
+    run of both arms is judged, before that the verdicts the runs still to come can reach."""
+    rule = experiment.get("verdict")
+    if not rule:
+        return []
+    method, margin, total = rule["method"], rule["for_margin"], rule["runs"]
+    bypass = bypass_method(experiment)
+    (blown, judged), (bypass_blown, bypass_judged) = (
+        _blowup_counts(_finished(arm, runs, summaries)) for arm in (method, bypass)
+    )
+    lines = [
+        f"The verdict rule fixed in the grid: for the paper if {method} blows up in at least {margin} fewer of its "
+        f"{total} runs than {bypass}, against if in as many or more, otherwise no verdict.",
+        "",
+    ]
+    if judged >= total and bypass_judged >= total:
+        verdict = blowup_verdict(blown, bypass_blown, margin)
+        counts = f"{method} blew up in {blown} of {judged} runs, {bypass} in {bypass_blown} of {bypass_judged}"
+        return lines + [f"Verdict: **{verdict}** ({counts}).", ""]
+    still = possible_verdicts((blown, judged), (bypass_blown, bypass_judged), total, margin)
+    return lines + [
+        f"Verdict: open, {judged} of {total} runs of {method} and {bypass_judged} of {total} of {bypass} judged, "
+        f"{blown} and {bypass_blown} of them blew up; the runs still to come can give: {', '.join(still)}.",
+        "",
+    ]
+
+
 def _blowup_tests(experiment: dict, runs: list[dict], summaries: dict) -> list[str]:
     """Each method's blow-ups against the Bypass method's (`off_policy_correction: bypass`, its own or the
     experiment's) with Fisher's exact one-sided p: the chance of as few blow-ups or fewer if both had the same rate."""
-    methods, shared = experiment["methods"], experiment.get("overrides", {})
-    corrections = {m: {**shared, **overrides}.get("off_policy_correction") for m, overrides in methods.items()}
-    bypass = next((m for m, correction in corrections.items() if correction == "bypass"), None)
+    methods, bypass = experiment["methods"], bypass_method(experiment)
     counts = {method: _blowup_counts(_finished(method, runs, summaries)) for method in methods}
     others = [m for m, (_, logged) in counts.items() if m != bypass and logged]
     if bypass is None or not counts[bypass][1] or not others:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 from ..train_launch import launch_training_run
+from .grid import declares_blowup
 
 
 def run_train_unit(grid: dict, experiment: dict, unit: dict, out_dir: str) -> dict:
@@ -95,12 +96,6 @@ def summarize_training(history: list[dict], experiment: dict) -> dict:
         "blowup_declared": declares_blowup(experiment),
         **ratio_trend(history),
     }
-
-
-def declares_blowup(experiment: dict) -> bool:
-    """Whether the experiment judges blow-ups: it sets `blowup_kl` or `blowup_log_ratio` (a blow-up is relative to
-    the engine's own mismatch, so there is no default)."""
-    return "blowup_kl" in experiment or "blowup_log_ratio" in experiment
 
 
 def blowup_steps(history: list[dict], experiment: dict) -> list:

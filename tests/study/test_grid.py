@@ -65,3 +65,48 @@ def test_every_committed_grid_is_valid():
                 c.get("recipe") for c in (experiment.get("checkpoints") or {}).values()
             ]
             assert all((repo / r).exists() for r in recipes if r), (path.name, recipes)
+
+
+def test_a_verdict_rule_is_checked_naming_the_key(tmp_path):
+    path = tmp_path / "grid.yaml"
+    methods = {"Bypass": {"off_policy_correction": "bypass"}, "ALP": {"off_policy_correction": "alp"}}
+    experiment = {"kind": "train", "name": "f1", "recipe": "r.yaml", "methods": methods, "blowup_kl": 0.5}
+
+    def check(verdict, match, **changes):
+        path.write_text(
+            yaml.safe_dump(
+                {"model": "m", "seeds": [0], "experiments": [{**experiment, **changes, "verdict": verdict}]}
+            )
+        )
+        if match is None:
+            return study.load_grid(str(path))
+        with pytest.raises(ValueError, match=match):
+            study.load_grid(str(path))
+
+    good = {"method": "ALP", "for_margin": 3, "runs": 8}
+    assert check(good, None)["experiments"][0]["verdict"] == good
+    check({"method": "ALP", "for_margin": 3}, r"experiments\[0\]\.verdict` must have exactly the keys")
+    check({**good, "method": "Bypass"}, r"verdict`\.method got 'Bypass'; allowed values are \['ALP'\]")
+    check({**good, "method": "GRPO"}, r"allowed values are \['ALP'\]")
+    check({**good, "for_margin": 0}, r"verdict`\.for_margin must be a positive integer, got 0")
+    check({**good, "runs": True}, r"verdict`\.runs must be a positive integer, got True")
+    no_limits = {k: v for k, v in experiment.items() if k != "blowup_kl"}
+    path.write_text(yaml.safe_dump({"model": "m", "seeds": [0], "experiments": [{**no_limits, "verdict": good}]}))
+    with pytest.raises(ValueError, match="needs blow-up limits: set `blowup_kl` and/or `blowup_log_ratio`"):
+        study.load_grid(str(path))
+    check(good, "compares against a Bypass method", methods={"ALP": {}, "M": {}})
+
+
+def test_the_bypass_method_may_come_from_the_experiments_overrides():
+    from alp_trl.study.grid import bypass_method
+
+    assert (
+        bypass_method({"methods": {"A": {"off_policy_correction": "alp"}, "B": {"off_policy_correction": "bypass"}}})
+        == "B"
+    )
+    shared = {
+        "overrides": {"off_policy_correction": "bypass"},
+        "methods": {"A": {"off_policy_correction": "alp"}, "P": None},
+    }
+    assert bypass_method(shared) == "P"
+    assert bypass_method({"methods": {"A": {}, "B": {"off_policy_correction": "seq_mis"}}}) is None

@@ -74,15 +74,18 @@ def test_the_committed_evidence_report_is_what_the_committed_units_and_grid_give
     )
 
 
-def test_training_report_tests_blowups_against_bypass(tmp_path):
-    def record(method, seed, tail):
-        history = [
-            {"step": i + 1, "alp/train_rollout_kl": 0.01, "alp/log_ratio_abs_max": t, "grad_norm": 1.0}
-            for i, t in enumerate([1.0, tail])
-        ]
-        unit = {"id": f"f1__{method}__seed{seed}", "type": "train", "experiment": "f1", "method": method, "seed": seed}
-        return {"unit": unit, "status": "ok", "result": {"history": history, "summary": {}}}
+def _two_step_run(method, seed, tail):
+    """A finished 2-step training run of experiment `f1` whose largest |log ratio| is 1 then `tail`."""
+    history = [
+        {"step": i + 1, "alp/train_rollout_kl": 0.01, "alp/log_ratio_abs_max": t, "grad_norm": 1.0}
+        for i, t in enumerate([1.0, tail])
+    ]
+    unit = {"id": f"f1__{method}__seed{seed}", "type": "train", "experiment": "f1", "method": method, "seed": seed}
+    return {"unit": unit, "status": "ok", "result": {"history": history, "summary": {}}}
 
+
+def test_training_report_tests_blowups_against_bypass(tmp_path):
+    record = _two_step_run
     methods = {"Plain": {"off_policy_correction": "bypass"}, "ALP": {"off_policy_correction": "alp"}, "M": {}}
     experiment = {"kind": "train", "name": "f1", "blowup_log_ratio": 15.0, "methods": methods}
     # Plain blows up in all 3 runs, ALP in none, M in 2 of 3
@@ -162,3 +165,45 @@ def test_after_update_widths_and_share_of_reduction_by_hand():
     assert values["share_of_reduction_forward"] == pytest.approx((0.30 - 0.27) / (0.30 - forward))
     assert values["bypass_matched_kl_reverse"] == pytest.approx(0.26)  # reverse size 0.04: the second point
     assert values["share_of_reduction_reverse"] == pytest.approx(0.03 / 0.04)
+
+
+def test_training_report_applies_the_verdict_rule_fixed_in_the_grid(tmp_path):
+    methods = {"Plain": {"off_policy_correction": "bypass"}, "ALP": {"off_policy_correction": "alp"}}
+    rule = {"method": "ALP", "for_margin": 2, "runs": 4}
+    experiment = {"kind": "train", "name": "f1", "blowup_log_ratio": 15.0, "methods": methods, "verdict": rule}
+    report = tmp_path / "r.md"
+
+    def verdict(plain_tails, alp_tails, experiment=experiment):
+        records = [_two_step_run("Plain", s, tail) for s, tail in enumerate(plain_tails)]
+        records += [_two_step_run("ALP", s, tail) for s, tail in enumerate(alp_tails)]
+        grid = {"model": "m", "seeds": [0, 1, 2, 3], "experiments": [experiment]}
+        study.write_report({"grid": grid, "grid_path": "g", "records": records}, str(report), "cmd")
+        text = report.read_text()
+        return next((line for line in text.splitlines() if line.startswith("Verdict:")), None), text
+
+    line, text = verdict([20.0, 20.0], [2.0, 2.0])
+    assert (
+        "The verdict rule fixed in the grid: for the paper if ALP blows up in at least 2 fewer of its 4 runs than "
+        "Plain, against if in as many or more, otherwise no verdict." in text
+    )
+    # 2 of 2 vs 0 of 2 with 2 runs each to come: ALP ends 0-2 blow-ups, Plain 2-4, so 0 to 4 fewer
+    assert (
+        line
+        == "Verdict: open, 2 of 4 runs of ALP and 2 of 4 of Plain judged, 0 and 2 of them blew up; the runs still to come "
+        "can give: for, no verdict, against."
+    )
+    # 3 of 3 vs 0 of 3: at least 3 - 1 = 2 fewer whatever comes, yet open until every run is in
+    assert verdict([20.0] * 3, [2.0] * 3)[0].endswith("the runs still to come can give: for.")
+    assert (
+        verdict([20.0] * 4, [2.0, 2.0, 30.0, 2.0])[0]
+        == "Verdict: **for** (ALP blew up in 1 of 4 runs, Plain in 4 of 4)."
+    )
+    assert (
+        verdict([20.0] * 4, [2.0, 30.0, 30.0, 30.0])[0]
+        == "Verdict: **no verdict** (ALP blew up in 3 of 4 runs, Plain in 4 of 4)."
+    )
+    assert verdict([2.0] * 4, [2.0] * 4)[0] == "Verdict: **against** (ALP blew up in 0 of 4 runs, Plain in 0 of 4)."
+    # no rule in the grid: no verdict line
+    no_rule = {k: v for k, v in experiment.items() if k != "verdict"}
+    line, text = verdict([20.0] * 4, [2.0] * 4, no_rule)
+    assert line is None and "verdict rule" not in text
