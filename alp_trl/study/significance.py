@@ -1,5 +1,5 @@
-"""Exact tests and the pre-registered decision rule for the study's small counts (a handful of runs per method), written
-out so that no statistics package is needed."""
+"""Exact tests and the pre-registered decision rule for the study's small counts (a handful of runs per method),
+written out so that no statistics package is needed."""
 
 import math
 
