@@ -315,11 +315,17 @@ def _blowup_verdict(experiment: dict, runs: list[dict], summaries: dict) -> list
         f"{total} runs than {bypass}, against if in as many or more, otherwise no verdict.",
         "",
     ]
+    counts = f"{method} blew up in {blown} of {judged} runs, {bypass} in {bypass_blown} of {bypass_judged}"
     if judged >= total and bypass_judged >= total:
-        verdict = blowup_verdict(blown, bypass_blown, margin)
-        counts = f"{method} blew up in {blown} of {judged} runs, {bypass} in {bypass_blown} of {bypass_judged}"
-        return lines + [f"Verdict: **{verdict}** ({counts}).", ""]
+        return lines + [f"Verdict: **{blowup_verdict(blown, bypass_blown, margin)}** ({counts}).", ""]
     still = possible_verdicts((blown, judged), (bypass_blown, bypass_judged), total, margin)
+    if len(still) == 1:  # every outcome of the runs to come gives the same verdict
+        to_come = 2 * total - judged - bypass_judged
+        return lines + [
+            f"Verdict: **{still[0]}**, settled: no outcome of the runs still to come ({to_come}) can change it "
+            f"({counts} so far).",
+            "",
+        ]
     return lines + [
         f"Verdict: open, {judged} of {total} runs of {method} and {bypass_judged} of {total} of {bypass} judged, "
         f"{blown} and {bypass_blown} of them blew up; the runs still to come can give: {', '.join(still)}.",

@@ -189,8 +189,20 @@ def test_training_report_applies_the_verdict_rule_fixed_in_the_grid(tmp_path):
     # 2 of 2 vs 0 of 2 with 2 runs each to come: ALP ends 0-2 blow-ups, Plain 2-4, so 0 to 4 fewer
     expected = "Verdict: open, 2 of 4 runs of ALP and 2 of 4 of Plain judged, 0 and 2 of them blew up; "
     assert line == expected + "the runs still to come can give: for, no verdict, against."
-    # 3 of 3 vs 0 of 3: at least 3 - 1 = 2 fewer whatever comes, yet open until every run is in
-    assert verdict([20.0] * 3, [2.0] * 3)[0].endswith("the runs still to come can give: for.")
+    # 3 of 3 vs 0 of 3: at least 3 - 1 = 2 fewer whatever the last run of each gives, so settled before them
+    assert verdict([20.0] * 3, [2.0] * 3)[0] == (
+        "Verdict: **for**, settled: no outcome of the runs still to come (2) can change it "
+        "(ALP blew up in 0 of 3 runs, Plain in 3 of 3 so far)."
+    )
+    # 2 of 2 vs 3 of 4: ALP ends with 2-4 blow-ups, Plain with 3, so at most 1 fewer: "for" is out of reach
+    assert verdict([20.0, 2.0, 20.0, 20.0], [30.0, 30.0])[0].endswith(
+        "the runs still to come can give: no verdict, against."
+    )
+    # 3 of 3 vs 3 of 4: ALP ends with 3 or 4, Plain with 3: against, whatever ALP's last run does
+    assert verdict([20.0, 2.0, 20.0, 20.0], [30.0] * 3)[0] == (
+        "Verdict: **against**, settled: no outcome of the runs still to come (1) can change it "
+        "(ALP blew up in 3 of 3 runs, Plain in 3 of 4 so far)."
+    )
     assert (
         verdict([20.0] * 4, [2.0, 2.0, 30.0, 2.0])[0]
         == "Verdict: **for** (ALP blew up in 1 of 4 runs, Plain in 4 of 4)."
