@@ -2,6 +2,7 @@
 units of work with their stable ids."""
 
 import itertools
+import math
 
 
 BASE_MODEL = "base model (not trained)"  # the `method` of the untrained model's evaluation unit
@@ -27,6 +28,10 @@ def load_grid(path: str) -> dict:
             raise ValueError(f"`experiments[{index}]` needs a `name`.")
         if kind == "train" and not experiment.get("methods"):
             raise ValueError(f"`experiments[{index}].methods` must name at least one method.")
+        for limit in ("blowup_kl", "blowup_log_ratio"):
+            value = experiment.get(limit, 1.0)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
+                raise ValueError(f"`experiments[{index}].{limit}` must be a positive number, got {value!r}.")
         if kind == "train" and "verdict" in experiment:
             _check_verdict(experiment, index)
         if kind in ("coverage", "intervention"):

@@ -264,6 +264,7 @@ def _experiment_table(name: str, experiment: dict, runs: list[dict], summaries: 
         + [""]
         + _blowup_tests(experiment, runs, summaries)
         + _blowup_verdict(experiment, runs, summaries)
+        + _blowup_sensitivity(experiment, runs, summaries)
         + _blowup_positions(experiment, runs, summaries)
     )
 
@@ -355,6 +356,50 @@ def _blowup_tests(experiment: dict, runs: list[dict], summaries: dict) -> list[s
         lines.append(
             f"- {method}: {blown} of {logged} against {bypass}'s {bypass_blown} of {bypass_logged}, p = {p:.3g}"
         )
+    return lines + [""]
+
+
+LIMIT_SCALES = (0.8, 0.9, 1.0, 1.1, 1.25)  # the blow-up limits scaled, for the sensitivity table
+
+
+def _blowup_sensitivity(experiment: dict, runs: list[dict], summaries: dict) -> list[str]:
+    """How near each run came to the blow-up limits (`blowup_peak`, by seed) and how many runs would count as blown
+    up with both limits scaled by each of `LIMIT_SCALES`, with the experiment's verdict rule applied to those counts
+    once every run is in (descriptive: the limits the endpoint uses are the ones fixed before the runs)."""
+    peaks = {}
+    for method in experiment["methods"]:
+        ok = sorted(
+            (r for r in runs if r["unit"]["method"] == method and r.get("status") == "ok"),
+            key=lambda r: r["unit"]["seed"],
+        )
+        found = [(r["unit"]["seed"], summaries[id(r)].get("blowup_peak")) for r in ok]
+        if any(peak is not None for _, peak in found):
+            peaks[method] = [(seed, peak) for seed, peak in found if peak is not None]
+    if not peaks:
+        return []
+    rule, bypass = experiment.get("verdict"), bypass_method(experiment)
+    judged = rule and all(len(peaks.get(m, [])) >= rule["runs"] for m in (rule["method"], bypass))
+    lines = [
+        "How near each run came to the blow-up limits: the largest share of a limit its policy's own ratio reached "
+        "over the run (train-rollout KL over the KL limit, largest |log ratio| over its limit), by seed; above 1 the "
+        "run blew up (descriptive):",
+        "",
+        *(
+            f"- {method}: {', '.join(f'{peak:.4g}' for _, peak in found)} (median "
+            f"{statistics.median(peak for _, peak in found):.3g})"
+            for method, found in peaks.items()
+        ),
+        "",
+        "Runs that would count as blown up with both limits scaled (a sensitivity check, not the endpoint):",
+        "",
+        "| limits x | " + " | ".join(peaks) + (" | verdict by the rule |" if judged else " |"),
+        "|---:|" + "---:|" * len(peaks) + ("---|" if judged else ""),
+    ]
+    for scale in LIMIT_SCALES:
+        counts = {m: sum(peak > scale for _, peak in found) for m, found in peaks.items()}
+        cells = [f"{counts[m]} of {len(found)}" for m, found in peaks.items()]
+        verdict = [blowup_verdict(counts[rule["method"]], counts[bypass], rule["for_margin"])] if judged else []
+        lines.append(f"| {scale:g} | " + " | ".join(cells + verdict) + " |")
     return lines + [""]
 
 

@@ -92,6 +92,7 @@ def summarize_training(history: list[dict], experiment: dict) -> dict:
         "late_spike_steps": sum(1 for r in spikes if r in steps[len(steps) // 2 :]) if steps else None,
         "blowup_step": blown[0] if blown else None,  # the primary endpoint of a blow-up comparison
         "blowup_step_count": len(blown),
+        "blowup_peak": blowup_peak(history, experiment),
         "blowup_positions": batch_positions(blown, updates_per_generation(experiment)),
         "blowup_declared": declares_blowup(experiment),
         **ratio_trend(history),
@@ -105,16 +106,34 @@ def blowup_steps(history: list[dict], experiment: dict) -> list:
     rejection that drops tokens, over every scored token (`alp/all_tokens_*`) where logged, so that the tokens the
     rejection removed still count. Empty when no step did, or the experiment declares neither threshold (a blow-up is
     relative to the engine's own mismatch)."""
+    return [step for step, share in _shares_of_limits(history, experiment) if share > 1.0]
+
+
+def blowup_peak(history: list[dict], experiment: dict) -> float | None:
+    """How near the run came to the blow-up limits, or how far over: the largest, over its steps, of the policy's own
+    train-rollout KL over `blowup_kl` and its largest |log ratio| over `blowup_log_ratio` (the statistics
+    `blowup_steps` judges; inf where one was not finite). Above 1 exactly when the run blew up; the limits scaled by
+    `c` would count it as blown up exactly when this is above `c`. `None` without declared limits or logged ratios."""
+    shares = [share for _, share in _shares_of_limits(history, experiment)]
+    return max(shares) if shares else None
+
+
+def _shares_of_limits(history: list[dict], experiment: dict) -> list[tuple]:
+    """`(step, share)` for each step that logged the policy's own ratio: the larger of its statistics over their
+    declared limits (inf where one was not finite). Empty when the experiment declares no limit."""
     if not declares_blowup(experiment):
         return []
-    kl_limit, tail_limit = experiment.get("blowup_kl", math.inf), experiment.get("blowup_log_ratio", math.inf)
     kl_key, tail_key = own_ratio_keys(history)
-
-    def over(record, key, limit):
-        value = record.get(key)
-        return isinstance(value, (int, float)) and (not math.isfinite(value) or value > limit)
-
-    return [r.get("step") for r in history if over(r, kl_key, kl_limit) or over(r, tail_key, tail_limit)]
+    named = ((kl_key, "blowup_kl"), (tail_key, "blowup_log_ratio"))
+    limits = [(key, experiment[name]) for key, name in named if name in experiment]
+    shares = []
+    for record in history:
+        values = [(record[key], limit) for key, limit in limits if isinstance(record.get(key), (int, float))]
+        if values:
+            shares.append(
+                (record.get("step"), max(v / limit if math.isfinite(v) else math.inf for v, limit in values))
+            )
+    return shares
 
 
 def updates_per_generation(experiment: dict) -> int | None:

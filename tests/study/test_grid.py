@@ -95,6 +95,9 @@ def test_a_verdict_rule_is_checked_naming_the_key(tmp_path):
     with pytest.raises(ValueError, match="needs blow-up limits: set `blowup_kl` and/or `blowup_log_ratio`"):
         study.load_grid(str(path))
     check(good, "compares against a Bypass method", methods={"ALP": {}, "M": {}})
+    check(good, r"experiments\[0\]\.blowup_kl` must be a positive number, got 0", blowup_kl=0)
+    check(good, r"experiments\[0\]\.blowup_log_ratio` must be a positive number, got '15'", blowup_log_ratio="15")
+    check(good, r"blowup_log_ratio` must be a positive number, got True", blowup_log_ratio=True)
 
 
 def test_the_bypass_method_may_come_from_the_experiments_overrides():

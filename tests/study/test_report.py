@@ -99,7 +99,8 @@ def test_training_report_tests_blowups_against_bypass(tmp_path):
     report = tmp_path / "evidence.md"
     study.write_report(results, str(report), "cmd")
     text = report.read_text()
-    assert "| Plain | 3 |" in text and text.count(" | 3 of 3 |") == 1 and " | 0 of 3 |" in text
+    table = text.split("Blow-ups against Plain")[0]  # the method table, before the tests and the sensitivity table
+    assert "| Plain | 3 |" in table and table.count(" | 3 of 3 |") == 1 and " | 0 of 3 |" in table
     # ALP 0 of 3 vs 3 of 3: C(3,0) C(3,3) / C(6,3) = 1/20; M 2 of 3 vs 3 of 3: 5 events, P(<= 2) = C(5,2) / C(6,3)
     assert "- ALP: 0 of 3 against Plain's 3 of 3, p = 0.05" in text
     assert "- M: 2 of 3 against Plain's 3 of 3, p = 0.5" in text
@@ -216,3 +217,31 @@ def test_training_report_applies_the_verdict_rule_fixed_in_the_grid(tmp_path):
     no_rule = {k: v for k, v in experiment.items() if k != "verdict"}
     line, text = verdict([20.0] * 4, [2.0] * 4, no_rule)
     assert line is None and "verdict rule" not in text
+
+
+def test_training_report_tabulates_the_verdict_at_scaled_limits(tmp_path):
+    """|log ratio| limit 15: Plain's tails 20, 20, 14 reach 1.333, 1.333, 0.9333 of it, ALP's 2, 16, 30 reach 0.1333,
+    1.067, 2. Scaled by 0.8: 3 vs 2 blown up (for, margin 1); by 1: 2 vs 2 (against); by 1.1: 2 vs 1 (for)."""
+    methods = {"Plain": {"off_policy_correction": "bypass"}, "ALP": {"off_policy_correction": "alp"}}
+    rule = {"method": "ALP", "for_margin": 1, "runs": 3}
+    experiment = {"kind": "train", "name": "f1", "blowup_log_ratio": 15.0, "methods": methods, "verdict": rule}
+    records = [_two_step_run("Plain", s, tail) for s, tail in enumerate([20.0, 20.0, 14.0])]
+    records += [_two_step_run("ALP", s, tail) for s, tail in enumerate([2.0, 16.0, 30.0])]
+    grid = {"model": "m", "seeds": [0, 1, 2], "experiments": [experiment]}
+    report = tmp_path / "r.md"
+    study.write_report({"grid": grid, "grid_path": "g", "records": records}, str(report), "cmd")
+    text = report.read_text()
+    assert "- Plain: 1.333, 1.333, 0.9333 (median 1.33)" in text
+    assert "- ALP: 0.1333, 1.067, 2 (median 1.07)" in text
+    assert "| limits x | Plain | ALP | verdict by the rule |" in text
+    rows = {
+        line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| 0.") or line.startswith("| 1")
+    }
+    assert rows["| 0.8"] == "| 0.8 | 3 of 3 | 2 of 3 | for |"
+    assert rows["| 1"] == "| 1 | 2 of 3 | 2 of 3 | against |"
+    assert rows["| 1.1"] == "| 1.1 | 2 of 3 | 1 of 3 | for |" and rows["| 1.25"] == "| 1.25 | 2 of 3 | 1 of 3 | for |"
+    assert "Verdict: **against** (ALP blew up in 2 of 3 runs, Plain in 2 of 3)." in text, "the endpoint's own limits"
+    # before every run is in, the counts without a verdict column
+    study.write_report({"grid": grid, "grid_path": "g", "records": records[:-1]}, str(report), "cmd")
+    text = report.read_text()
+    assert "| limits x | Plain | ALP |\n" in text and "| 0.8 | 3 of 3 | 1 of 2 |\n" in text

@@ -155,3 +155,27 @@ def test_blowup_steps_are_placed_on_their_generation_batch_by_hand():
     history = [{"step": s, "alp/train_rollout_kl": 0.9 if s in (4, 7) else 0.01} for s in range(1, 9)]
     experiment = {"blowup_kl": 0.5, "overrides": {"steps_per_generation": 4}}
     assert study.summarize_training(history, experiment)["blowup_positions"] == [0, 0, 1, 1]
+
+
+def test_blowup_peak_is_the_largest_share_of_a_limit_by_hand():
+    """KL 0.25 of 0.5 is 0.5 of its limit, |log ratio| 12 of 15 is 0.8: the step's share is 0.8, and the run blows
+    up with both limits scaled by c exactly when its peak is above c."""
+    from alp_trl.study.training_units import blowup_peak
+
+    limits = {"blowup_kl": 0.5, "blowup_log_ratio": 15.0}
+    history = [
+        {"step": 1, "alp/train_rollout_kl": 0.25, "alp/log_ratio_abs_max": 12.0},
+        {"step": 2, "alp/train_rollout_kl": 0.45, "alp/log_ratio_abs_max": 3.0},  # 0.9 of the KL limit
+        {"step": 3, "loss": 0.1},  # logged no ratio: no share
+    ]
+    assert blowup_peak(history, limits) == pytest.approx(0.9)
+    assert blowup_peak(history, {"blowup_log_ratio": 15.0}) == pytest.approx(0.8), "an undeclared limit is not used"
+    assert blowup_peak(history, {}) is None and blowup_peak([{"step": 1, "loss": 0.1}], limits) is None
+    for scale, blown in ((0.85, True), (0.95, False)):
+        scaled = {key: value * scale for key, value in limits.items()}
+        assert (study.summarize_training(history, scaled)["blowup_step"] is not None) is blown
+    assert study.summarize_training(history, limits)["blowup_peak"] == pytest.approx(0.9)
+    assert blowup_peak([*history, {"step": 4, "alp/log_ratio_abs_max": float("nan")}], limits) == float("inf")
+    # under ALP the unperturbed policy's ratio is the one judged, as in `blowup_steps`
+    alp = [{**r, "alp/unperturbed_train_rollout_kl": 0.05, "alp/unperturbed_log_ratio_abs_max": 16.5} for r in history]
+    assert blowup_peak(alp, limits) == pytest.approx(1.1)
