@@ -120,12 +120,15 @@ def blowup_peak(history: list[dict], experiment: dict) -> float | None:
 
 def _shares_of_limits(history: list[dict], experiment: dict) -> list[tuple]:
     """`(step, share)` for each step that logged the policy's own ratio: the larger of its statistics over their
-    declared limits (inf where one was not finite). Empty when the experiment declares no limit."""
+    limits (inf where one was not finite, declared limit or not). Empty when the experiment declares no limit."""
     if not declares_blowup(experiment):
         return []
     kl_key, tail_key = own_ratio_keys(history)
-    named = ((kl_key, "blowup_kl"), (tail_key, "blowup_log_ratio"))
-    limits = [(key, experiment[name]) for key, name in named if name in experiment]
+    # an undeclared limit is infinite: only a value that is not finite reaches it
+    limits = [
+        (kl_key, experiment.get("blowup_kl", math.inf)),
+        (tail_key, experiment.get("blowup_log_ratio", math.inf)),
+    ]
     shares = []
     for record in history:
         values = [(record[key], limit) for key, limit in limits if isinstance(record.get(key), (int, float))]

@@ -176,6 +176,10 @@ def test_blowup_peak_is_the_largest_share_of_a_limit_by_hand():
         assert (study.summarize_training(history, scaled)["blowup_step"] is not None) is blown
     assert study.summarize_training(history, limits)["blowup_peak"] == pytest.approx(0.9)
     assert blowup_peak([*history, {"step": 4, "alp/log_ratio_abs_max": float("nan")}], limits) == float("inf")
+    # a KL that is not finite blows the run up even where only the |log ratio| limit is declared
+    infinite_kl = [*history, {"step": 4, "alp/train_rollout_kl": float("inf")}]
+    assert blowup_peak(infinite_kl, {"blowup_log_ratio": 15.0}) == float("inf")
+    assert study.summarize_training(infinite_kl, {"blowup_log_ratio": 15.0})["blowup_step"] == 4
     # under ALP the unperturbed policy's ratio is the one judged, as in `blowup_steps`
     alp = [{**r, "alp/unperturbed_train_rollout_kl": 0.05, "alp/unperturbed_log_ratio_abs_max": 16.5} for r in history]
     assert blowup_peak(alp, limits) == pytest.approx(1.1)
