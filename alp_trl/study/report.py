@@ -366,15 +366,12 @@ def _blowup_sensitivity(experiment: dict, runs: list[dict], summaries: dict) -> 
     """How near each run came to the blow-up limits (`blowup_peak`, by seed) and how many runs would count as blown
     up with both limits scaled by each of `LIMIT_SCALES`, with the experiment's verdict rule applied to those counts
     once every run is in (descriptive: the limits the endpoint uses are the ones fixed before the runs)."""
+    by_seed = sorted(runs, key=lambda r: r["unit"]["seed"])
     peaks = {}
     for method in experiment["methods"]:
-        ok = sorted(
-            (r for r in runs if r["unit"]["method"] == method and r.get("status") == "ok"),
-            key=lambda r: r["unit"]["seed"],
-        )
-        found = [(r["unit"]["seed"], summaries[id(r)].get("blowup_peak")) for r in ok]
-        if any(peak is not None for _, peak in found):
-            peaks[method] = [(seed, peak) for seed, peak in found if peak is not None]
+        found = [s["blowup_peak"] for s in _finished(method, by_seed, summaries) if s.get("blowup_peak") is not None]
+        if found:
+            peaks[method] = found
     if not peaks:
         return []
     rule, bypass = experiment.get("verdict"), bypass_method(experiment)
@@ -385,8 +382,7 @@ def _blowup_sensitivity(experiment: dict, runs: list[dict], summaries: dict) -> 
         "run blew up (descriptive):",
         "",
         *(
-            f"- {method}: {', '.join(f'{peak:.4g}' for _, peak in found)} (median "
-            f"{statistics.median(peak for _, peak in found):.3g})"
+            f"- {method}: {', '.join(f'{peak:.4g}' for peak in found)} (median {statistics.median(found):.3g})"
             for method, found in peaks.items()
         ),
         "",
@@ -396,7 +392,7 @@ def _blowup_sensitivity(experiment: dict, runs: list[dict], summaries: dict) -> 
         "|---:|" + "---:|" * len(peaks) + ("---|" if judged else ""),
     ]
     for scale in LIMIT_SCALES:
-        counts = {m: sum(peak > scale for _, peak in found) for m, found in peaks.items()}
+        counts = {m: sum(peak > scale for peak in found) for m, found in peaks.items()}
         cells = [f"{counts[m]} of {len(found)}" for m, found in peaks.items()]
         verdict = [blowup_verdict(counts[rule["method"]], counts[bypass], rule["for_margin"])] if judged else []
         lines.append(f"| {scale:g} | " + " | ".join(cells + verdict) + " |")

@@ -69,7 +69,8 @@ def summarize_training(history: list[dict], experiment: dict) -> dict:
         kl = series("rollout_mismatch/kl_k3")
     spike_kl, spike_grad = experiment.get("spike_kl", 0.05), experiment.get("spike_grad_norm", 10.0)
     steps = [r for r in history if "grad_norm" in r]
-    blown = blowup_steps(history, experiment)
+    shares = _shares_of_limits(history, experiment)  # once: the blow-up steps and the peak both read them
+    blown = _steps_over(shares)
     spikes = [
         r
         for r in steps
@@ -92,7 +93,7 @@ def summarize_training(history: list[dict], experiment: dict) -> dict:
         "late_spike_steps": sum(1 for r in spikes if r in steps[len(steps) // 2 :]) if steps else None,
         "blowup_step": blown[0] if blown else None,  # the primary endpoint of a blow-up comparison
         "blowup_step_count": len(blown),
-        "blowup_peak": blowup_peak(history, experiment),
+        "blowup_peak": _peak(shares),
         "blowup_positions": batch_positions(blown, updates_per_generation(experiment)),
         "blowup_declared": declares_blowup(experiment),
         **ratio_trend(history),
@@ -106,7 +107,7 @@ def blowup_steps(history: list[dict], experiment: dict) -> list:
     rejection that drops tokens, over every scored token (`alp/all_tokens_*`) where logged, so that the tokens the
     rejection removed still count. Empty when no step did, or the experiment declares neither threshold (a blow-up is
     relative to the engine's own mismatch)."""
-    return [step for step, share in _shares_of_limits(history, experiment) if share > 1.0]
+    return _steps_over(_shares_of_limits(history, experiment))
 
 
 def blowup_peak(history: list[dict], experiment: dict) -> float | None:
@@ -114,8 +115,17 @@ def blowup_peak(history: list[dict], experiment: dict) -> float | None:
     train-rollout KL over `blowup_kl` and its largest |log ratio| over `blowup_log_ratio` (the statistics
     `blowup_steps` judges; inf where one was not finite). Above 1 exactly when the run blew up; the limits scaled by
     `c` would count it as blown up exactly when this is above `c`. `None` without declared limits or logged ratios."""
-    shares = [share for _, share in _shares_of_limits(history, experiment)]
-    return max(shares) if shares else None
+    return _peak(_shares_of_limits(history, experiment))
+
+
+def _steps_over(shares: list[tuple]) -> list:
+    """The steps of `_shares_of_limits` over a limit."""
+    return [step for step, share in shares if share > 1.0]
+
+
+def _peak(shares: list[tuple]) -> float | None:
+    """The largest share of `_shares_of_limits`, `None` when there is none."""
+    return max((share for _, share in shares), default=None)
 
 
 def _shares_of_limits(history: list[dict], experiment: dict) -> list[tuple]:
